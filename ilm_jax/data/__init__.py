@@ -1,0 +1,1 @@
+"""Datasets: sources, splits, derived training sets, storage and Grain pipelines."""

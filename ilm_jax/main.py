@@ -1,0 +1,63 @@
+r"""Entry point for every ilm_jax job.
+
+  python -m ilm_jax.main --config=configs/<job>.py[:arg] [--config.key=value ...] \
+      --workdir=DIR
+
+The config's ``job`` field picks what runs (prepare, cf, phase1, phase2, eval, chat,
+generate, pipeline). ``--config.key=value`` overrides a leaf; an unknown key is an
+error. Each config file's docstring lists its ``:arg`` variants.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+# job name -> module with ``run(config, workdir) -> None``. Imported lazily so that
+# `--help` and light jobs stay fast.
+JOBS = {
+    "prepare": "ilm_jax.jobs.prepare",
+    "cf": "ilm_jax.jobs.cf",
+    "phase1": "ilm_jax.jobs.phase1",
+    "phase2": "ilm_jax.jobs.phase2",
+    "eval": "ilm_jax.jobs.evaluate",
+    "generate": "ilm_jax.jobs.generate",
+    "chat": "ilm_jax.jobs.chat",
+    "pipeline": "ilm_jax.jobs.pipeline",
+}
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Job config file, e.g. configs/cf.py or configs/phase1.py:tiny.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for outputs (data cache, checkpoints, metrics, results.json).")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/cf.py")
+  job = config.get("job")
+  if job not in JOBS:
+    raise app.UsageError(f"config.job={job!r} is not a job; valid: {sorted(JOBS)}")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required (outputs go there)")
+  from ilm_jax import config_lib  # noqa: PLC0415  (keeps --help fast)
+  config_lib.validate(config)
+  logging.info("job %s, workdir %s\n%s", job, _WORKDIR.value, config)
+  module = importlib.import_module(JOBS[job])
+  module.run(config, _WORKDIR.value)
+
+
+def entry() -> None:
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
+
+
+if __name__ == "__main__":
+  sys.exit(entry())
