@@ -1,0 +1,1 @@
+"""Model definitions: decoder LLM, item encoders, adaptors."""
