@@ -1,0 +1,1 @@
+"""Collaborative-filtering embeddings (SPEC §2): matrix factorisation on train interactions."""
