@@ -42,6 +42,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+from ilm_jax.data import download
 from ilm_jax.data.types import DataError, RecDataset
 
 FORMAT_VERSION = 1
@@ -361,21 +362,42 @@ def _hash_file(h, path: pathlib.Path) -> None:
 
 
 def input_files(data_config: ml_collections.ConfigDict) -> list[pathlib.Path]:
-  """Files a data config reads (their content goes into the fingerprint)."""
-  paths: list[pathlib.Path] = []
-  if data_config.source != "generated":
-    if data_config.dir:
-      d = pathlib.Path(data_config.dir)
-      paths += sorted(p for p in d.rglob("*") if p.is_file()) if d.is_dir() else [d]
-    if data_config.get("item_meta"):
-      paths.append(pathlib.Path(data_config.item_meta))
-  return paths
+  """Files a data config reads (their content goes into the fingerprint).
+
+  Mirrors the path resolution of ``sources.load_dataset``: ``dir`` (or the shared copy a
+  known name stands for) and the item metadata file with the folder around it (the
+  MovieLens loader picks up the TMDB overviews beside ``movies.dat``).
+  """
+  from ilm_jax import resources  # noqa: PLC0415
+  from ilm_jax.data import sources  # noqa: PLC0415
+  if data_config.source == "generated":
+    return []
+  roots: list[pathlib.Path] = []
+  name = (data_config.get("name") or "").strip()
+  if data_config.dir:
+    roots.append(pathlib.Path(data_config.dir))
+    name = name or pathlib.Path(data_config.dir).name.lower()
+  elif data_config.source == "movielens":
+    roots.append(resources.shared_data_dir() / "ml-1m")
+  elif name in sources.SHARED_OPENP5:
+    roots.append(resources.shared_data_dir() / "openp5" / sources.SHARED_OPENP5[name])
+  meta = (data_config.get("item_meta") or "").strip()
+  if meta.lower() != "none":
+    meta_path = pathlib.Path(meta) if meta else sources.default_item_meta(
+        name or ("ml1m" if data_config.source == "movielens" else ""))
+    if meta_path is not None:
+      roots.append(meta_path.parent if meta_path.suffix == ".dat" else meta_path)
+  files: set[pathlib.Path] = set()
+  for r in roots:
+    files |= {p for p in r.rglob("*") if p.is_file()} if r.is_dir() else {r}
+  return sorted(files)
 
 
 def _code_files() -> list[pathlib.Path]:
   """The data-loading code: a change to a parser invalidates prepared data."""
   here = pathlib.Path(__file__).resolve().parent
-  return sorted(p for p in here.glob("*.py") if p.name not in ("pipeline.py",))
+  skip = ("pipeline.py", "pairs.py", "tokenization.py", "download.py")
+  return sorted(p for p in here.glob("*.py") if p.name not in skip)
 
 
 def fingerprint(data_config: ml_collections.ConfigDict,
@@ -422,7 +444,16 @@ def prepare(data_config: ml_collections.ConfigDict, data_dir: str | os.PathLike,
     The Prepared dir (``.built`` says whether it was written now).
   """
   data_dir = pathlib.Path(data_dir)
-  fp = fingerprint(data_config, files)
+  cfg = data_config.to_dict() if hasattr(data_config, "to_dict") else dict(data_config)
+  if download.needs_fetch(data_config.get("dir") or ""):
+    # A URL or archive: fetch/extract it (cached beside the data dirs) and read that folder.
+    local = download.fetch_dataset(data_config.dir, data_dir.parent / "_downloads",
+                                   progress=progress)
+    data_config = ml_collections.ConfigDict(cfg)
+    data_config.dir = str(local)
+    if files is None:
+      files = input_files(data_config)
+  fp = fingerprint(ml_collections.ConfigDict(cfg), files)
   info = read_info(data_dir)
   if info is not None and not force and info.get("fingerprint") == fp:
     logging.info("prepared data %s is up to date (%s); reusing it", data_dir, info["stats"])
@@ -436,7 +467,6 @@ def prepare(data_config: ml_collections.ConfigDict, data_dir: str | os.PathLike,
   start = time.monotonic()
   ds = load_fn(data_config)
   logging.info("loaded %s in %.1fs: %s", ds.name, time.monotonic() - start, ds.stats())
-  cfg = data_config.to_dict() if hasattr(data_config, "to_dict") else dict(data_config)
   info = write(ds, data_dir, fingerprint=fp, config=cfg, progress=progress)
   logging.info("wrote %s to %s in %.1fs", ds.name, data_dir, info["seconds"])
   return Prepared(data_dir, info, built=True)
