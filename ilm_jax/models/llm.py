@@ -371,11 +371,15 @@ class Llm(nnx.Module):
   def __init__(self, config: LlmConfig, *, rngs: nnx.Rngs):
     c = self.config = config
     pd = jnp.dtype(c.param_dtype)
-    self.embedding = _param(rngs, (c.vocab, c.dim), ("vocab", "embed"), pd, scale=1.0)
+    self.embedding = _param(rngs, (c.vocab, c.dim), ("vocab", "embed"), pd, scale=c.dim)
     self.blocks = nnx.List([Block(c, rngs=rngs) for _ in range(c.layers)])
     self.final_norm = RMSNorm(c.dim, c.norm_eps, param_dtype=pd, rngs=rngs)
     if not c.tie:
       self.lm_head = _param(rngs, (c.dim, c.vocab), ("embed", "vocab"), pd)
+
+  def init_cache(self, batch: int, max_len: int) -> KVCache:
+    """An empty KVCache for ``batch`` rows of up to ``max_len`` tokens."""
+    return KVCache.create(self.config, batch, max_len)
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     """float[B, T, D] input embeddings (compute dtype) of int[B, T] tokens."""
