@@ -258,8 +258,10 @@ def fetch_dataset(src: str, cache_dir: str | os.PathLike, *, expected: Expected 
     archive = local
     if expected is not None:
       verify(local, expected, str(src))
-  root = extract_zip(archive, out, marker=str(src))
-  if remote:
-    archive.unlink(missing_ok=True)  # the extracted folder is what we keep
+  try:
+    root = extract_zip(archive, out, marker=str(src))
+  finally:
+    if remote:
+      archive.unlink(missing_ok=True)  # the extracted folder is what we keep
   logging.info("extracted %s to %s", src, root)
   return root
