@@ -67,6 +67,7 @@ def load_amazon_items(path: pathlib.Path | str) -> fileio.ItemTable:
   c_id, c_title = col["item_id"], col["title"]
   c_brand, c_cats = col.get("brand"), col.get("categories")
   index: dict[str, int] = {}
+  line_of: dict[str, int] = {}
   texts, titles, cats_all, brands = [], [], [], []
   while True:
     line = reader.line_num + 1  # the physical line this record starts on
@@ -85,8 +86,8 @@ def load_amazon_items(path: pathlib.Path | str) -> fileio.ItemTable:
     if not item_id:
       raise DataError("empty item_id", path=str(path), line=line)
     if item_id in index:
-      raise DataError(f"item_id {item_id!r} appears twice (first on record "
-                      f"{index[item_id] + 1})", path=str(path), line=line)
+      raise DataError(f"item_id {item_id!r} appears twice (first on line {line_of[item_id]})",
+                      path=str(path), line=line)
     title = _clean(row[c_title])
     brand = _clean(row[c_brand]) if c_brand is not None else ""
     cats = parse_token_seq(row[c_cats]) if c_cats is not None else []
@@ -96,6 +97,7 @@ def load_amazon_items(path: pathlib.Path | str) -> fileio.ItemTable:
     if cats:
       parts.append(f"Categories: {', '.join(cats)}")
     index[item_id] = len(texts)
+    line_of[item_id] = line
     texts.append(". ".join(parts) + ("." if parts else ""))
     titles.append(title)
     cats_all.append(cats)

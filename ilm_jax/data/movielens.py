@@ -180,9 +180,10 @@ def load_movielens(directory: pathlib.Path | str, name: str = "ml1m",
     users, items, ts = arr[:, 0], arr[:, 1], arr[:, 3]
     # Stable: same-second ratings keep ratings.dat order.
     user_order, seqs = _sequences_from_pairs(users, items, np.argsort(ts, kind="stable"))
+    lines = np.arange(1, len(arr) + 1)
   elif (p := _find(d, SEQUENCES_FILE)) is not None:
     src = p
-    user_order, seqs = [], []
+    user_order, seqs, line_of_user = [], [], {}
     for n, line in enumerate(fileio.read_lines(p, "lines 'UserID MovieID MovieID ...'"), 1):
       try:
         row = np.array(line.split(), dtype=np.int64)
@@ -191,28 +192,32 @@ def load_movielens(directory: pathlib.Path | str, name: str = "ml1m",
       if len(row) < 2:
         raise DataError(f"expected 'UserID MovieID [MovieID ...]' integers, got {line[:80]!r}",
                         path=str(p), line=n)
+      if row[0] in line_of_user:
+        raise DataError(f"UserID {row[0]} appears twice (first on line {line_of_user[row[0]]})",
+                        path=str(p), line=n)
+      line_of_user[row[0]] = n
       user_order.append(row[0])
       seqs.append(row[1:])
     user_order = np.array(user_order)
-    if len(np.unique(user_order)) != len(user_order):
-      raise DataError("a UserID appears on two lines", path=str(p))
+    lengths = [len(x) for x in seqs]
+    users = np.repeat(user_order, lengths)
+    items = np.concatenate(seqs)
+    lines = np.repeat(np.arange(1, len(seqs) + 1), lengths)
   elif (p := _find(d, PAIRS_FILE)) is not None:
     src = p
     log.warning("%s: no ratings.dat or %s; using %s, whose per-user order is file order, not "
                 "chronological", d, SEQUENCES_FILE, p.name)
     arr = _int_table(p, "\t", 2, "'UserID<TAB>MovieID'")
-    user_order, seqs = _sequences_from_pairs(arr[:, 0], arr[:, 1], np.arange(len(arr)))
+    users, items, lines = arr[:, 0], arr[:, 1], np.arange(1, len(arr) + 1)
+    user_order, seqs = _sequences_from_pairs(users, items, np.arange(len(arr)))
   else:
     raise DataError(f"no interactions: expected ratings.dat, {SEQUENCES_FILE} or {PAIRS_FILE} "
                     "(directly or under derived/)", path=str(d))
 
   # Items: movies.dat order, rated movies only; an unknown MovieID is an error.
   movie_ids = np.array([int(m) for m in table.index], np.int64)
-  rated = np.unique(np.concatenate(seqs))
-  known = np.isin(rated, movie_ids)
-  if not known.all():
-    raise DataError(f"MovieID {rated[~known][0]} (and {int((~known).sum()) - 1} more) not in "
-                    f"{movies} (unknown id)", path=str(src))
+  rated = np.unique(items)
+  _check_known(items, movie_ids, lines, src, "MovieID", movies)
   keep = np.isin(movie_ids, rated)
   item_ids = movie_ids[keep]
   lookup = np.full(int(movie_ids.max()) + 1, -1, np.int64)
@@ -221,10 +226,7 @@ def load_movielens(directory: pathlib.Path | str, name: str = "ml1m",
 
   users_dat = d / "users.dat"
   if users_dat.exists():
-    missing = np.setdiff1d(user_order, _user_ids(users_dat))
-    if len(missing):
-      raise DataError(f"UserID {missing[0]} (and {len(missing) - 1} more) not in {users_dat} "
-                      "(unknown id)", path=str(src))
+    _check_known(users, _user_ids(users_dat), lines, src, "UserID", users_dat)
 
   rows = [table.index[str(m)] for m in item_ids]
   return RecDataset(
@@ -236,6 +238,17 @@ def load_movielens(directory: pathlib.Path | str, name: str = "ml1m",
       item_titles=[table.titles[r] for r in rows],
       item_attrs={k: [list(v[r]) for r in rows] for k, v in table.attrs.items()},
   )
+
+
+def _check_known(ids: np.ndarray, known: np.ndarray, lines: np.ndarray, src: pathlib.Path,
+                 kind: str, index_file: pathlib.Path) -> None:
+  """Raises for the first line of ``src`` whose id is missing from ``index_file``."""
+  bad = np.flatnonzero(~np.isin(ids, known))
+  if len(bad):
+    others = len(np.unique(ids[bad])) - 1
+    raise DataError(f"{kind} {ids[bad[0]]} is not in {index_file} (unknown id"
+                    + (f"; {others} other unknown {kind}s)" if others else ")"),
+                    path=str(src), line=int(lines[bad[0]]))
 
 
 def _user_ids(path: pathlib.Path) -> np.ndarray:
