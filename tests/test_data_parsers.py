@@ -206,3 +206,13 @@ def test_unknown_source_and_name_list_choices():
     sources.load_dataset(config_lib.data_config("netflix"))
   with pytest.raises(ValueError, match="ml1m, beauty, clothing"):
     sources.load_dataset(config_lib.data_config("openp5", name="games"))
+
+
+def test_generated_rejects_keys_that_do_nothing():
+  with pytest.raises(ValueError, match="do nothing"):
+    sources.load_dataset(config_lib.data_config("generated", dir="/tmp"))
+
+
+def test_movielens_item_meta_none_drops_tmdb():
+  ds = sources.load_dataset(config_lib.data_config("movielens", dir=str(ML), item_meta="none"))
+  assert ds.item_text[0] == "Toy Story (1995). Genres: Animation, Children's, Comedy."

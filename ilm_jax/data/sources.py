@@ -7,10 +7,13 @@ Sources (``config.data.source``):
   openp5: an OpenP5-format folder in ``dir``; with ``dir`` empty, ``name`` in
     {ml1m, beauty, clothing} selects ``shared/data/openp5/{ML1M,Beauty,Clothing}``.
 
-Item text (``config.data.item_meta``): a RecBole ``.item`` file (Amazon), a MovieLens
-``movies.dat`` (titles/genres, plus the TMDB overview TSV found beside it), or a folder
-holding ``movies.dat``; '' = ``default_item_meta`` (shared copies for beauty and ml1m),
-``'none'`` = no item text.
+Item text (``config.data.item_meta``):
+  openp5: a RecBole ``.item`` file (Amazon), a MovieLens ``movies.dat`` (titles/genres,
+    plus the TMDB overview TSV found beside it or in ``extra/``), or a folder holding
+    ``movies.dat``; '' = ``default_item_meta`` (shared copies for beauty and ml1m).
+  movielens: text always comes from ``dir/movies.dat``; item_meta is the TMDB overview
+    TSV ('' = the one found beside movies.dat or in ``extra/``).
+  ``'none'`` = no item text (openp5) / no TMDB overviews (movielens).
 
 Every dataset leaves here with OpenP5 item tokens ('1001'...) and user tokens ('1'...):
 sources that have none get them from ``assign_random_item_tokens``.
@@ -56,6 +59,9 @@ def load_dataset(data_config: Mapping) -> RecDataset:
   directory = (data_config.get("dir") or "").strip()
   item_meta = (data_config.get("item_meta") or "").strip()
   if source == "generated":
+    if directory or item_meta:
+      raise ValueError("config.data.dir / config.data.item_meta do nothing for "
+                       "source='generated' (it reads no files); leave them empty")
     g = data_config.get("generated") or {}
     ds = generated.generate(**{k: g[k] for k in _GENERATED_KEYS if k in g},
                             name=name or "generated")
@@ -87,6 +93,8 @@ def load_dataset(data_config: Mapping) -> RecDataset:
   ds = filtering.kcore(ds, int(data_config.get("min_core", 0) or 0))
   log.info("dataset %s: %s -> %d-core %s", ds.name, before, data_config.get("min_core", 0),
            ds.stats())
+  if ds.name != ds.name.lower():
+    ds = dataclasses.replace(ds, name=ds.name.lower())  # results use lower case (SPEC §8)
   return ensure_tokens(ds)
 
 
