@@ -151,7 +151,7 @@ def _sequences_from_pairs(users: np.ndarray, items: np.ndarray, order: np.ndarra
 
 
 def load_movielens(directory: pathlib.Path | str, name: str = "ml1m",
-                   tmdb: pathlib.Path | str | None = None) -> RecDataset:
+                   tmdb: pathlib.Path | str | None = None, use_tmdb: bool = True) -> RecDataset:
   """Loads MovieLens-1M from its raw or derived files.
 
   Args:
@@ -159,6 +159,7 @@ def load_movielens(directory: pathlib.Path | str, name: str = "ml1m",
       under ``derived/``).
     name: dataset name for results.
     tmdb: the TMDB overview TSV; None = look for it (see ``find_tmdb``).
+    use_tmdb: False = titles and genres only (the paper-faithful ML1M text).
 
   Returns:
     A RecDataset of every rated movie with text from movies.dat (+ TMDB); not k-core
@@ -171,7 +172,9 @@ def load_movielens(directory: pathlib.Path | str, name: str = "ml1m",
   if not d.is_dir():
     raise DataError("MovieLens folder not found", path=str(d))
   movies = d / "movies.dat"
-  table = load_movie_meta(movies, tmdb if tmdb is not None else find_tmdb(d))
+  if use_tmdb and tmdb is None:
+    tmdb = find_tmdb(d)
+  table = load_movie_meta(movies, tmdb if use_tmdb else None)
 
   ratings = d / "ratings.dat"
   if ratings.exists():

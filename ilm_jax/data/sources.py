@@ -68,8 +68,8 @@ def load_dataset(data_config: Mapping) -> RecDataset:
   elif source == "movielens":
     from ilm_jax.data import movielens
     d = pathlib.Path(directory) if directory else resources.shared_data_dir() / "ml-1m"
-    ds = movielens.load_movielens(d, name=name or "ml1m",
-                                  tmdb=None if item_meta.lower() == "none" else (item_meta or None))
+    ds = movielens.load_movielens(d, name=name or "ml1m", tmdb=item_meta or None,
+                                  use_tmdb=item_meta.lower() != "none")
     item_meta = "none"  # movies.dat (+ TMDB) already joined by the loader
   elif source == "openp5":
     from ilm_jax.data import openp5
