@@ -38,7 +38,7 @@ class RecDataset:
     item_titles: N short display names ('' where unknown); used in prompts and chat.
     item_attrs: named per-item string lists, e.g. {'genres': [['Comedy', ...], ...]}.
     item_tokens: N OpenP5 item tokens ('1001', ...) from random indexing; None -> assign
-      with ``assign_random_item_tokens``.
+      with ``sources.ensure_tokens``.
     user_tokens: U OpenP5 user tokens ('1', ...); None -> 1..U in order.
     extras: hidden ground truth a source knows (the generated catalogue's co-consumption
       cluster per item, say); never used for training.
@@ -91,7 +91,7 @@ class Split:
     if split == "valid":
       return self.train
     if split == "test":
-      return [np.append(t, v).astype(np.int32) for t, v in zip(self.train, self.valid)]
+      return [np.append(t, v).astype(np.int32) for t, v in zip(self.train, self.valid, strict=True)]
     raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
 
   def targets(self, split: str) -> np.ndarray:
