@@ -88,6 +88,34 @@ def test_data_sources_are_random_access_in_index_order(tmp_path):
   np.testing.assert_array_equal(src["users"][1]["sequence"], [3, 1, 0, 1, 2])
 
 
+def test_bulk_reader_agrees_with_the_tfds_decoder(tmp_path):
+  store.write(_toy(), tmp_path / "d", progress=False)
+  ds = store.load(tmp_path / "d")
+  src = store.data_sources(tmp_path / "d")
+  for i in range(ds.num_items):
+    rec = src["items"][i]
+    assert int(rec["index"]) == i
+    assert rec["raw_id"].decode() == ds.item_ids[i]
+    assert rec["title"].decode() == ds.item_titles[i]
+    assert rec["text"].decode() == ds.item_text[i]
+    assert rec["token"].decode() == ds.item_tokens[i]
+    for name in ds.item_attrs:
+      assert [v.decode() for v in rec["attrs"][name]] == ds.item_attrs[name][i]
+  for u in range(ds.num_users):
+    rec = src["users"][u]
+    assert rec["raw_id"].decode() == ds.user_ids[u]
+    assert rec["token"].decode() == ds.user_tokens[u]
+    np.testing.assert_array_equal(rec["sequence"], ds.sequences[u])
+
+
+def test_grain_reads_the_array_record_source(tmp_path):
+  import grain  # noqa: PLC0415
+  store.write(_toy(), tmp_path / "d", progress=False)
+  users = grain.MapDataset.source(store.data_sources(tmp_path / "d")["users"])
+  lengths = list(users.map(lambda r: len(r["sequence"])))
+  assert lengths == [3, 5, 0]
+
+
 def test_progress_lines(tmp_path, caplog):
   import logging  # noqa: PLC0415
   with caplog.at_level(logging.INFO):
