@@ -165,6 +165,24 @@ def test_batches_placed_on_an_8_device_mesh():
   assert placed[1]["kind"] == "item_item"
 
 
+def test_mesh_iterator_resumes_through_the_checkpointer(tmp_path):
+  from ilm_jax.checkpoint import Checkpointer  # noqa: PLC0415
+  mesh = partition.make_mesh(data=8)
+  ds = pipeline.phase1_dataset(_sets(num_items=24, num_pairs=16), text_batch=8, pair_batch=8,
+                               seed=7)
+  it = pipeline.to_iterator(ds, mesh=mesh)
+  _take(it, 5)
+  state = {"w": np.arange(3.0, dtype=np.float32)}
+  ckpt = Checkpointer(tmp_path / "ckpt")
+  ckpt.save(5, state, data={"train": it})
+  expected = _take(it, 6)
+  fresh = pipeline.to_iterator(ds, mesh=mesh)
+  abstract = {"w": jax.ShapeDtypeStruct((3,), np.float32)}
+  step, _ = Checkpointer(tmp_path / "ckpt").restore(abstract, data={"train": fresh})
+  assert step == 5
+  _assert_batches_equal(_take(fresh, 6), expected)
+
+
 def test_make_mesh_axes_are_explicit_auto():
   mesh = partition.make_mesh(fsdp=2)
   assert mesh.axis_names == ("data", "fsdp") and mesh.devices.shape == (4, 2)
