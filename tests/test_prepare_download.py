@@ -96,9 +96,13 @@ def _no_partials(d: pathlib.Path) -> None:
   assert not [p for p in d.rglob("*") if ".part-" in p.name or ".tmp-" in p.name]
 
 
-def test_http_download_verifies_extracts_and_is_reused(server, tmp_path):
+def test_http_download_verifies_extracts_and_is_reused(server, tmp_path, caplog):
+  import logging  # noqa: PLC0415
   url = f"{server.url}/ml-1m.zip"
-  folder = download.fetch_dataset(url, tmp_path, expected=_expected(_ml1m_zip()))
+  with caplog.at_level(logging.INFO):
+    folder = download.fetch_dataset(url, tmp_path, expected=_expected(_ml1m_zip()))
+  assert any(f"fetching {url}" in r.getMessage() and "(100%)" in r.getMessage()
+             for r in caplog.records)
   assert folder == tmp_path / "ml-1m" / "ml-1m"
   assert (folder / "ratings.dat").read_text() == RATINGS
   assert (folder / "movies.dat").read_bytes() == MOVIES.encode("iso-8859-1")

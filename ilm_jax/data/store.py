@@ -98,6 +98,14 @@ class _RecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return tfds.core.DatasetInfo(builder=self, description=self._rec_description,
                                  features=self._rec_features, disable_shuffling=True)
 
+  # TFDS prints "Downloading and preparing dataset ..." to stdout; we download nothing and
+  # log our own progress lines.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
   def _split_generators(self, dl_manager):
     del dl_manager
     return {_SPLIT: self._generate_examples()}
