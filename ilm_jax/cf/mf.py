@@ -15,8 +15,9 @@ and symmetrically for items. Rows are bucketed by interaction count (padded to a
 two) and solved in fixed-shape chunks with a batched Cholesky, so a handful of shapes
 compile once and no chunk materialises more than ``chunk_floats`` floats.
 
-The objective is also read off the item half-step for free (the gathered rows and the
-solution are at hand), which gives a per-iteration loss that ALS must never increase.
+An iteration solves items, then users. The objective is read off the user half-step for
+free (the gathered rows and the solution are at hand), which gives a per-iteration loss
+that ALS must never increase.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class ALSConfig:
     reg: L2 weight on both tables.
     alpha: confidence slope, c = 1 + alpha * count.
     iters: maximum ALS iterations (one user + one item half-step each).
-    seed: initial item table ~ N(0, init_scale^2), from ``jax.random.key(seed)``.
+    seed: initial user table ~ N(0, init_scale^2), from ``jax.random.key(seed)`` (the
+      first half-step solves the items against it).
     init_scale: std of the initial tables.
     eval_every: validate every this many iterations (0 = never, needs ``valid_fn``).
     patience: stop after this many validations without a better validation NDCG@10 and
@@ -122,6 +124,9 @@ class _Chunk:
   counts: jax.Array  # float32[B, L] r, 0 where padded
 
 
+_MAX_CHUNK_ROWS = 1024
+
+
 def _bucket(n: np.ndarray) -> np.ndarray:
   return np.maximum(8, 2 ** np.ceil(np.log2(np.maximum(n, 1)))).astype(np.int64)
 
@@ -137,9 +142,11 @@ def _plan(inter: Interactions, dim: int, chunk_floats: int) -> list[_Chunk]:
   chunks = []
   for length in np.unique(buckets):
     members = np.flatnonzero(buckets == length)
+    # B depends on L only (not on how many rows fall in the bucket), so users, items and
+    # fold-in share compiled shapes.
     per_row = length * dim + dim * dim  # gathered rows + the d x d system
     b = int(2 ** np.floor(np.log2(max(1, chunk_floats // per_row))))
-    b = max(1, min(b, int(2 ** np.ceil(np.log2(len(members))))))
+    b = max(1, min(b, _MAX_CHUNK_ROWS))
     for s in range(0, len(members), b):
       ids = members[s:s + b]
       pad = b - len(ids)
@@ -161,45 +168,62 @@ def _plan(inter: Interactions, dim: int, chunk_floats: int) -> list[_Chunk]:
 
 
 @jax.jit
-def _solve_chunk(table: jax.Array, out: jax.Array, gram: jax.Array, rows: jax.Array,
-                 cols: jax.Array, counts: jax.Array, alpha: jax.Array,
-                 reg: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Solves the rows of one chunk against the fixed ``table``; writes them into ``out``.
+def _normal_equations(table: jax.Array, gram: jax.Array, cols: jax.Array, counts: jax.Array,
+                      alpha: jax.Array, reg: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """A and b of one chunk (module docstring) against the fixed ``table``.
 
   Args:
     table: float32[M, d] the fixed side (Y when solving users).
-    out: float32[R, d] the side being solved; rows of this chunk are replaced.
     gram: float32[d, d] table^T table.
-    rows, cols, counts: one ``_Chunk``.
+    cols: int32[B, L] indices into ``table`` (0 where padded).
+    counts: float32[B, L] r (0 where padded).
     alpha, reg: float32 scalars.
 
   Returns:
-    (out with the chunk's rows solved, this chunk's share of the objective without the
-    reg terms: sum_ui c (p - s)^2 over its rows, via the YtY trick).
+    a: float32[B, d, d]; rhs: float32[B, d]; csum: sum of c over observed cells.
   """
   d = table.shape[1]
   mask = counts > 0
   y = table[cols]                                      # [B, L, d]
   conf = alpha * counts                                # c - 1, 0 where padded
   a = gram + jnp.einsum("bld,ble->bde", y * conf[..., None], y) + reg * jnp.eye(d)
-  rhs = jnp.einsum("bl,bld->bd", (1.0 + conf) * mask, y)
+  c_obs = jnp.where(mask, 1.0 + conf, 0.0)
+  return a, jnp.einsum("bl,bld->bd", c_obs, y), jnp.sum(c_obs)
+
+
+@jax.jit
+def _cholesky_solve(a: jax.Array, rhs: jax.Array, reg: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """x = a^-1 rhs for float32[B, d, d], float32[B, d]; and the chunk's objective share.
+
+  With p = 1 and c on observed cells, x^T a x = x^T rhs at the solution, so the chunk's
+  sum_i c_ui (p_ui - x.y_i)^2 over *all* cells (the YtY trick again) collapses to
+  sum_obs c - x^T rhs - reg |x|^2; the caller adds sum_obs c.
+  """
   chol = jnp.linalg.cholesky(a)
-  x = jax.scipy.linalg.cho_solve((chol, True), rhs[..., None])[..., 0]   # [B, d]
-  s = jnp.einsum("bld,bd->bl", y, x)
-  # Every cell contributes s^2 (c = 1, p = 0) through x^T gram x; observed cells correct it.
-  loss = (jnp.einsum("bd,de,be->", x, gram, x)
-          + jnp.sum(jnp.where(mask, (1.0 + conf) * (1.0 - s) ** 2 - s ** 2, 0.0)))
-  return out.at[rows].set(x, mode="drop"), loss
+  x = jax.scipy.linalg.cho_solve((chol, True), rhs[..., None])[..., 0]
+  return x, -jnp.sum(x * rhs) - reg * jnp.sum(x * x)
+
+
+@jax.jit
+def _scatter_rows(out: jax.Array, rows: jax.Array, x: jax.Array) -> jax.Array:
+  return out.at[rows].set(x, mode="drop")  # padding rows point past the end
 
 
 def _half_step(table: jax.Array, out: jax.Array, chunks: Sequence[_Chunk], alpha: float,
                reg: float) -> tuple[jax.Array, jax.Array]:
+  """Solves every row of ``out`` against ``table``; returns (out, objective w/o reg terms).
+
+  Three small jitted kernels rather than one so that the Cholesky compiles once per chunk
+  height B, not once per (B, L) bucket (compilation dominated small runs otherwise).
+  """
   gram = table.T @ table
   alpha, reg = jnp.float32(alpha), jnp.float32(reg)
   loss = jnp.float32(0)
   for c in chunks:
-    out, part = _solve_chunk(table, out, gram, c.rows, c.cols, c.counts, alpha, reg)
-    loss = loss + part
+    a, rhs, csum = _normal_equations(table, gram, c.cols, c.counts, alpha, reg)
+    x, part = _cholesky_solve(a, rhs, reg)
+    out = _scatter_rows(out, c.rows, x)
+    loss = loss + csum + part
   return out, loss
 
 
@@ -266,17 +290,18 @@ def train_als(train: Sequence[np.ndarray], num_items: int, cfg: ALSConfig, *,
   inter = Interactions.from_sequences(train, num_items)
   user_chunks = _plan(inter, cfg.dim, cfg.chunk_floats)
   item_chunks = _plan(inter.transpose(), cfg.dim, cfg.chunk_floats)
-  key = jax.random.key(cfg.seed)
-  ku, ki = jax.random.split(key)
-  x = cfg.init_scale * jax.random.normal(ku, (inter.num_users, cfg.dim), jnp.float32)
-  y = cfg.init_scale * jax.random.normal(ki, (num_items, cfg.dim), jnp.float32)
+  x = cfg.init_scale * jax.random.normal(jax.random.key(cfg.seed), (inter.num_users, cfg.dim),
+                                         jnp.float32)
+  y = jnp.zeros((num_items, cfg.dim), jnp.float32)  # overwritten by the first half-step
   history: list[dict[str, float]] = []
-  best = (-np.inf, 0, np.asarray(x), np.asarray(y))
+  best = (-np.inf, 0, None, None)
   since_best, train_s = 0, 0.0
   for it in range(1, cfg.iters + 1):
     t0 = time.perf_counter()
-    x, _ = _half_step(y, x, user_chunks, cfg.alpha, cfg.reg)
-    y, loss = _half_step(x, y, item_chunks, cfg.alpha, cfg.reg)
+    # Items first, users last: the returned user vectors are then exactly the fold-in of
+    # the train histories against the returned items (no stale half of the pair).
+    y, _ = _half_step(x, y, item_chunks, cfg.alpha, cfg.reg)
+    x, loss = _half_step(y, x, user_chunks, cfg.alpha, cfg.reg)
     loss = float(loss + cfg.reg * (jnp.sum(x * x) + jnp.sum(y * y)))
     dt = time.perf_counter() - t0
     train_s += dt
