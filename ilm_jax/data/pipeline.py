@@ -14,9 +14,11 @@ iterator continues with exactly the batch it would have produced:
 Global batches do not depend on the number of processes: global batch ``b`` of an epoch is
 rows ``[b * B, (b + 1) * B)`` of that epoch's permutation, and process ``p`` of ``P`` feeds
 its contiguous block ``[p * B / P, (p + 1) * B / P)``. ``partition.shard_batch`` then
-assembles the blocks in process order (``jax.make_array_from_process_local_data``), so the
-global array equals the single-process batch, and a 2-process run sees the same data as a
-1-process run.
+assembles the blocks (``jax.make_array_from_process_local_data``) in the order the mesh lists
+the processes' devices: process order for a mesh over ``jax.devices()`` on CPU/GPU, so the
+global array equals the single-process batch and a 2-process run sees the same data as a
+1-process run (a topology-reordered TPU mesh may permute the blocks, which in-batch
+contrastive losses do not notice).
 
 Batch kinds (the trainer dispatches on ``batch['kind']`` to one jitted step per kind):
   item_text: item int32[B], input_ids int32[B, L], input_mask bool[B, L]
