@@ -296,7 +296,7 @@ def _beam_search(graphdef, state, tokens, input_embeds, mask, *, beam_size, max_
   stops = jnp.asarray(stop_ids, jnp.int32)
 
   def expand(logp, aux):
-    lp, tok = jax.lax.top_k(logp, beam_size)
+    lp, tok = jax.lax.top_k(logp, min(beam_size, logp.shape[-1]))
     return tok, lp, jnp.broadcast_to(aux[..., None], tok.shape), jnp.isin(tok, stops)
 
   b = logits0.shape[0]
