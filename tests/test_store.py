@@ -152,6 +152,34 @@ def test_failure_mid_write_leaves_nothing_half_written(tmp_path, monkeypatch):
   assert _leftovers(tmp_path) == []
 
 
+def test_identical_concurrent_writes_keep_the_first_complete_copy(tmp_path):
+  import threading  # noqa: PLC0415
+  dest = tmp_path / "d"
+  store.write(_toy(), dest, fingerprint="fp", progress=False)
+  first_info = (dest / "info.json").stat().st_mtime_ns
+  store.write(_toy(), dest, fingerprint="fp", progress=False)  # same dataset: kept as is
+  assert (dest / "info.json").stat().st_mtime_ns == first_info
+
+  # Two "processes" preparing the same dataset into a shared folder at once.
+  shared = tmp_path / "shared"
+  errors = []
+
+  def prepare_one():
+    try:
+      store.write(_toy(), shared, fingerprint="fp2", progress=False)
+    except Exception as e:  # noqa: BLE001
+      errors.append(e)
+
+  threads = [threading.Thread(target=prepare_one) for _ in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert errors == []
+  assert_same_dataset(_toy(), store.load(shared))
+  assert _leftovers(tmp_path) == []
+
+
 def test_inconsistent_dataset_is_rejected_before_writing(tmp_path):
   with pytest.raises(ValueError, match="item_text"):
     store.write(_toy(item_text=["only one"]), tmp_path / "d", progress=False)

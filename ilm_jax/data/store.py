@@ -241,15 +241,31 @@ def write(ds: RecDataset, data_dir: str | os.PathLike, *, fingerprint: str = "",
     }
     # info.json last: its presence marks a complete dataset.
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    _replace_dir(tmp, data_dir)
+    _replace_dir(tmp, data_dir, fingerprint)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return info
 
 
-def _replace_dir(new: pathlib.Path, dest: pathlib.Path) -> None:
-  """Renames ``new`` to ``dest``; an existing ``dest`` is moved aside first, then deleted."""
+def _replace_dir(new: pathlib.Path, dest: pathlib.Path, fingerprint: str) -> None:
+  """Renames ``new`` to ``dest``; an existing ``dest`` is moved aside first, then deleted.
+
+  Several processes may prepare the same dataset into a shared folder at once (multi-host
+  jobs): a ``dest`` that already holds a complete dataset with the same non-empty
+  fingerprint is kept and ``new`` discarded, so readers of it are never disturbed.
+  """
+
+  def same_as_ours() -> bool:
+    try:
+      info = read_info(dest)
+    except DataError:
+      return False
+    return bool(fingerprint) and info is not None and info.get("fingerprint") == fingerprint
+
+  if same_as_ours():
+    shutil.rmtree(new)
+    return
   old = None
   if dest.exists():
     old = pathlib.Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
@@ -257,9 +273,13 @@ def _replace_dir(new: pathlib.Path, dest: pathlib.Path) -> None:
   try:
     os.rename(new, dest)
   except OSError:
-    if old is not None:  # put the previous dataset back
+    if old is not None and not dest.exists():  # put the previous dataset back
       os.rename(old / dest.name, dest)
+    if old is not None:
       shutil.rmtree(old, ignore_errors=True)
+    if same_as_ours():  # another process finished the same dataset first
+      shutil.rmtree(new)
+      return
     raise
   if old is not None:
     shutil.rmtree(old, ignore_errors=True)
