@@ -52,3 +52,50 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(
           "config.data.source='openp5' needs --config.data.dir=PATH (an OpenP5-format folder) "
           "or --config.data.name=ml1m|beauty|clothing for the shared copies")
+
+
+# Datasets every job config accepts by name in its ``:arg``.
+DATASET_ARGS = ("generated", "ml1m", "beauty", "clothing", "movielens")
+
+
+def parse_config_arg(arg: str | None, *, config_file: str, flags: tuple[str, ...] = ("tiny",),
+                     datasets: tuple[str, ...] = DATASET_ARGS,
+                     default_dataset: str = "generated") -> tuple[str, set[str]]:
+  """Parses a config ``:arg`` like ``ml1m,tiny`` into (dataset, flags).
+
+  Args:
+    arg: the text after ``configs/<job>.py:`` (comma-separated, case-insensitive).
+    config_file: shown in errors, e.g. 'configs/phase1.py'.
+    flags: words allowed besides one dataset name.
+    datasets: dataset names allowed.
+    default_dataset: used when no dataset is named.
+  Returns:
+    (dataset name, set of flags given).
+  Raises:
+    ConfigError: an unknown word or two datasets; the message lists the valid words.
+  """
+  parts = [p.strip().lower() for p in (arg or "").split(",") if p.strip()]
+  names = [p for p in parts if p not in flags]
+  bad = [p for p in names if p not in datasets]
+  if bad or len(names) > 1:
+    raise ConfigError(
+        f"{config_file}:{arg} — {'unknown ' + ', '.join(bad) if bad else 'two datasets'}; "
+        f"valid: one dataset of {', '.join(datasets)}"
+        + (f", plus any of {', '.join(flags)}" if flags else ""))
+  return (names[0] if names else default_dataset), {p for p in parts if p in flags}
+
+
+def dataset_config(dataset: str, tiny: bool = False) -> ml_collections.ConfigDict:
+  """``config.data`` for a dataset named in a config arg (see DATASET_ARGS).
+
+  generated -> the embedded catalogue (tiny: 200 items, 300 users); ml1m/beauty/clothing ->
+  the OpenP5 shared copies; movielens -> MovieLens-1M raw files from the shared copy.
+  """
+  if dataset == "generated":
+    c = data_config("generated")
+    if tiny:
+      c.generated.update(dict(num_items=200, num_users=300, num_clusters=10))
+    return c
+  if dataset == "movielens":
+    return data_config("movielens")
+  return data_config("openp5", name=dataset)

@@ -10,24 +10,12 @@ error. Each config file's docstring lists its ``:arg`` variants.
 
 from __future__ import annotations
 
-import importlib
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-# job name -> module with ``run(config, workdir) -> None``. Imported lazily so that
-# `--help` and light jobs stay fast.
-JOBS = {
-    "prepare": "ilm_jax.jobs.prepare",
-    "cf": "ilm_jax.jobs.cf",
-    "phase1": "ilm_jax.jobs.phase1",
-    "phase2": "ilm_jax.jobs.phase2",
-    "eval": "ilm_jax.jobs.evaluate",
-    "generate": "ilm_jax.jobs.generate",
-    "chat": "ilm_jax.jobs.chat",
-    "pipeline": "ilm_jax.jobs.pipeline",
-}
+from ilm_jax import jobs
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Job config file, e.g. configs/cf.py or configs/phase1.py:tiny.",
@@ -43,15 +31,14 @@ def main(argv: list[str]) -> None:
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/cf.py")
   job = config.get("job")
-  if job not in JOBS:
-    raise app.UsageError(f"config.job={job!r} is not a job; valid: {sorted(JOBS)}")
+  if job not in jobs.JOBS:
+    raise app.UsageError(f"config.job={job!r} is not a job; valid: {', '.join(sorted(jobs.JOBS))}")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required (outputs go there)")
   from ilm_jax import config_lib  # noqa: PLC0415  (keeps --help fast)
   config_lib.validate(config)
   logging.info("job %s, workdir %s\n%s", job, _WORKDIR.value, config)
-  module = importlib.import_module(JOBS[job])
-  module.run(config, _WORKDIR.value)
+  jobs.job_module(job).run(config, _WORKDIR.value)
 
 
 def entry() -> None:
