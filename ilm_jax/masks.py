@@ -27,7 +27,7 @@ import jax.numpy as jnp
 def padding_mask(lengths: jax.Array, max_len: int) -> jax.Array:
   """bool[B, max_len]: True at the first ``lengths[b]`` positions.
 
-  >>> padding_mask(jnp.array([1, 3]), 3)
+  Example: padding_mask(jnp.array([1, 3]), 3)
   [[T, F, F], [T, T, T]]
   """
   return jnp.arange(max_len)[None, :] < jnp.asarray(lengths)[:, None]
@@ -39,7 +39,7 @@ def key_mask(valid: jax.Array) -> jax.Array:
   Masks keys only: padded query rows are still computed (they attend to the real keys),
   exactly like BERT/BLIP-2's 2-D ``attention_mask``.
 
-  >>> key_mask(jnp.array([[1, 1, 0]], bool))
+  Example: key_mask(jnp.array([[1, 1, 0]], bool))
   [[[T, T, F]]]
   """
   return jnp.asarray(valid, bool)[:, None, :]
@@ -76,7 +76,7 @@ def joint_mask(num_queries: int, text_valid: jax.Array) -> jax.Array:
 
   Every position sees all queries and every non-padded text token.
 
-  >>> joint_mask(1, jnp.array([[1, 0]], bool))
+  Example: joint_mask(1, jnp.array([[1, 0]], bool))
   [[[T, T, F]]]
   """
   text_valid = jnp.asarray(text_valid, bool)
@@ -87,7 +87,7 @@ def joint_mask(num_queries: int, text_valid: jax.Array) -> jax.Array:
 def causal_mask(length: int) -> jax.Array:
   """bool[L, L]: ``[i, j]`` True iff ``j <= i``.
 
-  >>> causal_mask(2)
+  Example: causal_mask(2)
   [[T, F], [T, T]]
   """
   return jnp.tril(jnp.ones((length, length), bool))
@@ -100,7 +100,7 @@ def unilm_mask(num_queries: int, text_valid: jax.Array) -> jax.Array:
   token i sees every query and the non-padded text tokens j <= i. The text never sees
   the memory directly: everything it learns about the item flows through the queries.
 
-  >>> unilm_mask(1, jnp.array([[1, 1]], bool))[0]
+  Example: unilm_mask(1, jnp.array([[1, 1]], bool))[0]
   [[T, F, F],
    [T, T, F],
    [T, T, T]]
@@ -135,7 +135,7 @@ def false_negative_mask(row_ids: jax.Array, col_ids: jax.Array, *,
   The mask is built so that its transpose is the right mask for the reverse direction
   (t2i / b->a), so one mask serves a symmetric InfoNCE.
 
-  >>> false_negative_mask(jnp.array([7, 7, 8]), jnp.array([1, 2, 3]))
+  Example: false_negative_mask(jnp.array([7, 7, 8]), jnp.array([1, 2, 3]))
   [[F, T, F],
    [T, F, F],
    [F, F, F]]

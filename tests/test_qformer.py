@@ -9,13 +9,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ilm_jax import losses, masks
+from ilm_jax import losses, masks, partition
 from ilm_jax.models import qformer
 
 TINY = qformer.QFormerConfig(
     vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48,
     max_position_embeddings=16, num_query_tokens=3, cf_dim=6, proj_dim=8, dec_token_id=49,
     cls_token_id=1, initializer_range=0.2)
+
+# Paper size: 8 layers from BERT-base, 768 wide, 32 queries.
+PAPER = qformer.QFormerConfig(hidden_size=768, num_layers=8, num_heads=12,
+                              intermediate_size=3072, num_query_tokens=32, cf_dim=64)
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +144,13 @@ def test_every_param_has_logical_axes(tiny):
   specs = nnx.get_partition_spec(nnx.state(tiny, nnx.Param))
   assert tuple(specs["embeddings"]["word"]["embedding"].get_value()) == ("vocab", "embed")
   assert tuple(specs["layers"][0]["ffn"]["up"]["kernel"].get_value()) == ("embed", "mlp")
+  assert tuple(specs["query_tokens"].get_value()) == ("queries", "embed")
+  # Every logical name has a rule: FSDP-shard the paper-size model abstractly on 8 devices.
+  mesh = partition.make_mesh(data=2, fsdp=4)
+  paper = nnx.eval_shape(lambda: qformer.QFormer(PAPER, rngs=nnx.Rngs(0)))
+  sh = partition.state_shardings(nnx.state(paper), mesh, partition.DEFAULT_RULES)
+  word = sh["embeddings"]["word"]["embedding"].get_value()
+  assert word.spec == jax.sharding.PartitionSpec(None, "fsdp")
 
 
 def _expected_param_count(c: qformer.QFormerConfig) -> int:
@@ -156,12 +167,7 @@ def _expected_param_count(c: qformer.QFormerConfig) -> int:
   return total + 2  # temperatures
 
 
-@pytest.mark.parametrize("cfg", [
-    TINY,
-    # paper size: 8 layers from BERT-base, 768 wide, 32 queries
-    qformer.QFormerConfig(hidden_size=768, num_layers=8, num_heads=12, intermediate_size=3072,
-                          num_query_tokens=32, cf_dim=64),
-], ids=["tiny", "paper"])
+@pytest.mark.parametrize("cfg", [TINY, PAPER], ids=["tiny", "paper"])
 def test_eval_shape_param_count(cfg):
   abstract = nnx.eval_shape(lambda: qformer.QFormer(cfg, rngs=nnx.Rngs(0)))
   leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))

@@ -4,28 +4,21 @@ Post-LayerNorm BERT semantics (HF ``BertLayer`` / LAVIS ``BertLayer``): every su
 ``LayerNorm(x + f(x))``, GELU is the exact erf form, attention masks are boolean and mask
 keys (True = may attend).
 
-Every parameter carries logical axis names in its ``out_sharding`` metadata (read them
-with ``nnx.get_partition_spec``); they are NOT applied eagerly (no mesh is needed to build
-a module) — the partitioner maps them to mesh axes with a rules table. Names used:
-'vocab', 'embed', 'heads' (the concatenated attention-head width), 'mlp', and None for
-small axes that are never sharded.
+Every parameter carries logical axis names (``partition.with_logical``: no mesh is needed
+to build a module; ``partition.shard_model`` places it with a rules table). Names used:
+'vocab', 'embed', 'heads' (the concatenated attention-head width), 'mlp', 'queries', 'cf',
+and None for small axes that are never sharded.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-Axes = Sequence[str | None]
-
-
-def axes_meta(*names: str | None) -> dict:
-  """Variable metadata for logical axis ``names`` (lazy: no mesh needed at creation)."""
-  return {"out_sharding": tuple(names), "eager_sharding": False}
+from ilm_jax.partition import logical_param, with_logical
 
 
 def normal_init(std: float) -> nnx.Initializer:
@@ -36,16 +29,16 @@ def dense(in_features: int, out_features: int, axes: tuple[str | None, str | Non
           rngs: nnx.Rngs, init_std: float = 0.02, dtype=None) -> nnx.Linear:
   """A Linear layer (kernel ``[in, out]``, bias) with logical axes on both params."""
   return nnx.Linear(
-      in_features, out_features, kernel_init=normal_init(init_std),
-      bias_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs,
-      kernel_metadata=axes_meta(*axes), bias_metadata=axes_meta(axes[1]))
+      in_features, out_features, kernel_init=with_logical(normal_init(init_std), axes),
+      bias_init=with_logical(nnx.initializers.zeros, (axes[1],)), dtype=dtype, rngs=rngs)
 
 
 def layer_norm(dim: int, eps: float, *, rngs: nnx.Rngs, dtype=None) -> nnx.LayerNorm:
   """LayerNorm over the last axis; statistics in float32 whatever the compute dtype."""
   return nnx.LayerNorm(
       dim, epsilon=eps, dtype=dtype, use_fast_variance=False, rngs=rngs,
-      scale_metadata=axes_meta("embed"), bias_metadata=axes_meta("embed"))
+      scale_init=with_logical(nnx.initializers.ones, ("embed",)),
+      bias_init=with_logical(nnx.initializers.zeros, ("embed",)))
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -131,11 +124,10 @@ class TextEmbeddings(nnx.Module):
 
   def __init__(self, vocab_size: int, hidden: int, max_positions: int, *,
                init_std: float = 0.02, dtype=None, rngs: nnx.Rngs):
-    self.word = nnx.Embed(vocab_size, hidden, embedding_init=normal_init(init_std), dtype=dtype,
-                          rngs=rngs, embedding_metadata=axes_meta("vocab", "embed"))
-    self.position = nnx.Embed(max_positions, hidden, embedding_init=normal_init(init_std),
-                              dtype=dtype, rngs=rngs,
-                              embedding_metadata=axes_meta(None, "embed"))
+    self.word = nnx.Embed(vocab_size, hidden, dtype=dtype, rngs=rngs,
+                          embedding_init=with_logical(normal_init(init_std), ("vocab", "embed")))
+    self.position = nnx.Embed(max_positions, hidden, dtype=dtype, rngs=rngs,
+                              embedding_init=with_logical(normal_init(init_std), ("length", "embed")))
 
   def __call__(self, ids: jax.Array) -> jax.Array:
     """int[B, L] -> float[B, L, H] (word + position)."""
@@ -155,7 +147,7 @@ class LMHead(nnx.Module):
     self.transform = dense(hidden, hidden, ("embed", "embed"), rngs=rngs, init_std=init_std,
                            dtype=dtype)
     self.norm = layer_norm(hidden, eps, rngs=rngs, dtype=dtype)
-    self.bias = nnx.Param(jnp.zeros((vocab_size,), jnp.float32), **axes_meta("vocab"))
+    self.bias = logical_param(jnp.zeros((vocab_size,), jnp.float32), ("vocab",))
 
   def __call__(self, h: jax.Array, word_embedding: jax.Array) -> jax.Array:
     """float[B, L, H], float[V, H] -> float32[B, L, V]."""

@@ -41,6 +41,7 @@ from flax import nnx
 
 from ilm_jax import masks
 from ilm_jax.models import layers
+from ilm_jax.partition import logical_param
 
 # BERT uncased special ids (all-MiniLM-L6-v2 / bert-base-uncased vocab).
 BERT_PAD_ID = 0
@@ -143,7 +144,7 @@ class CFMemory(nnx.Module):
   def __init__(self, cfg: QFormerConfig, *, rngs: nnx.Rngs):
     self.num_tokens = cfg.num_memory_tokens
     self.dim = cfg.mem_dim
-    self.proj = layers.dense(cfg.cf_dim, cfg.num_memory_tokens * cfg.mem_dim, (None, "embed"),
+    self.proj = layers.dense(cfg.cf_dim, cfg.num_memory_tokens * cfg.mem_dim, ("cf", "embed"),
                              rngs=rngs, init_std=cfg.initializer_range, dtype=_dtype(cfg))
     self.norm = layers.layer_norm(cfg.mem_dim, cfg.layer_norm_eps, rngs=rngs, dtype=_dtype(cfg))
 
@@ -202,9 +203,9 @@ class QFormer(nnx.Module):
     h = cfg.hidden_size
     std = cfg.initializer_range
     dt = _dtype(cfg)
-    self.query_tokens = nnx.Param(
+    self.query_tokens = logical_param(
         layers.normal_init(std)(rngs.params(), (cfg.num_query_tokens, h), jnp.float32),
-        **layers.axes_meta(None, "embed"))
+        ("queries", "embed"))
     self.embeddings = layers.TextEmbeddings(cfg.vocab_size, h, cfg.max_position_embeddings,
                                             init_std=std, dtype=dt, rngs=rngs)
     self.embed_norm = layers.layer_norm(h, cfg.layer_norm_eps, rngs=rngs, dtype=dt)
