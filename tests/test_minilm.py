@@ -102,7 +102,8 @@ def test_qformer_text_tower_from_minilm(ref, encoder):
 
 
 def test_first_n_layers_of_a_checkpoint(tmp_path):
-  """A BERT folder with more layers than wanted: the first N are taken, in order."""
+  """A bert-base-style folder ('bert.' prefix, MLM head) with more layers than wanted:
+  the first N are taken, in order, and the MLM transform initialises our LM head."""
   try:
     src = resources.minilm_dir()
   except resources.MissingResourceError as e:
@@ -110,10 +111,27 @@ def test_first_n_layers_of_a_checkpoint(tmp_path):
   (tmp_path / "config.json").write_text((src / "config.json").read_text())
   w = bert_loading.read_safetensors(src)
   from safetensors.numpy import save_file
-  save_file({"bert." + k: v for k, v in w.items()}, str(tmp_path / "model.safetensors"))
+  rng = np.random.default_rng(0)
+  h, v = w["embeddings.word_embeddings.weight"].shape[::-1]
+  mlm = {"cls.predictions.transform.dense.weight": rng.normal(size=(h, h)),
+         "cls.predictions.transform.dense.bias": rng.normal(size=(h,)),
+         "cls.predictions.transform.LayerNorm.weight": rng.normal(size=(h,)),
+         "cls.predictions.transform.LayerNorm.bias": rng.normal(size=(h,)),
+         "cls.predictions.bias": rng.normal(size=(v,))}
+  mlm = {k: x.astype(np.float32) for k, x in mlm.items()}
+  save_file({**{"bert." + k: x for k, x in w.items()}, **mlm},
+            str(tmp_path / "model.safetensors"))
   model, info = bert_loading.qformer_from_bert_dir(
       tmp_path, rngs=nnx.Rngs(0), num_layers=2, num_query_tokens=2, cf_dim=8)
-  assert info["layers_used"] == 2 and len(model.layers) == 2
+  assert info == {"layers_used": 2, "checkpoint_layers": 6, "lm_head": True}
+  assert len(model.layers) == 2
+  np.testing.assert_array_equal(np.asarray(model.lm_head.transform.kernel[...]),
+                                mlm["cls.predictions.transform.dense.weight"].T)
+  np.testing.assert_array_equal(np.asarray(model.lm_head.norm.scale[...]),
+                                mlm["cls.predictions.transform.LayerNorm.weight"])
+  bias = np.asarray(model.lm_head.bias[...])
+  np.testing.assert_array_equal(bias[:v], mlm["cls.predictions.bias"])
+  assert bias[v:].tolist() == [0.0]  # the [DEC] logit bias
   np.testing.assert_array_equal(
       np.asarray(model.layers[1].self_attention.query.kernel[...]),
       w["encoder.layer.1.attention.self.query.weight"].T)
