@@ -389,7 +389,8 @@ class ItemTrie:
     # Level d holds the nodes reached after d tokens; node_of[r] is row r's node there.
     first_child, num_children, token, lo, hi = [0], [0], [-1], [0], [n]
     node_of = np.zeros(n, np.int64)
-    differs = np.ones(n, bool)  # row r's prefix so far differs from row r - 1's
+    differs = np.zeros(n, bool)  # row r's prefix so far differs from row r - 1's
+    differs[0] = True
     for d in range(depth):
       differs[1:] |= mat[1:, d] != mat[:-1, d]
       live = lens > d
