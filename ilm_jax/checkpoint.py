@@ -262,7 +262,10 @@ class Checkpointer:
 
 
 def abstract_like(tree: Any) -> Any:
-  """``ShapeDtypeStruct`` skeleton (shape, dtype, sharding) of a pytree of arrays."""
+  """Restore target for a pytree of arrays: ``ShapeDtypeStruct`` (shape, dtype, sharding)
+  for ``jax.Array`` leaves; numpy leaves stay numpy (restored as host arrays)."""
   def one(x):
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+    if isinstance(x, jax.Array):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return x
   return jax.tree.map(one, tree)

@@ -56,8 +56,8 @@ def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int | None = None
   warmup = int(cfg.warmup_steps)
   if total <= 0:
     raise ValueError("optimizer.total_steps is 0 and no run length was given")
-  if warmup > total:
-    raise ValueError(f"optimizer.warmup_steps={warmup} exceeds total_steps={total}")
+  if warmup >= total:
+    raise ValueError(f"optimizer.warmup_steps={warmup} must be below total_steps={total}")
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup, decay_steps=total,
       end_value=cfg.lr * cfg.end_lr_ratio)

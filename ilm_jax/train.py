@@ -169,6 +169,13 @@ def _optimizer_shardings(abstract_opt_state: Any, param_shardings: Any,
   return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
 
 
+def _fetch_replicated(x: Any) -> np.ndarray:
+  """Host copy of a replicated array, also on multi-host runs (not fully addressable)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(x.addressable_shards[0].data)
+  return np.asarray(x)
+
+
 def _format_eta(seconds: float) -> str:
   if not math.isfinite(seconds):
     return "?"
@@ -217,6 +224,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   writer = MetricsWriter(workdir)
   iterators = dict(data) if isinstance(data, Mapping) else {"train": data}
   round_robin = list(iterators) if isinstance(data, Mapping) else None
+  for name, it in iterators.items():
+    if not (hasattr(it, "get_state") and hasattr(it, "set_state")):
+      raise TypeError(
+          f"data iterator {name!r} ({type(it).__name__}) cannot be checkpointed: resume "
+          "would not continue at the same batch. Use a Grain DatasetIterator "
+          "(iter(dataset.to_iter_dataset())) or anything with get_state/set_state.")
   unknown = set(round_robin or ()) - set(losses)
   if unknown:
     raise ValueError(f"data kinds {sorted(unknown)} have no loss; losses: {sorted(losses)}")
@@ -236,8 +249,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   tx, schedule = optim.make_optimizer(config.optimizer, total_steps)
   replicated = jax.sharding.NamedSharding(mesh, jax.P())
   trainable_sh = jax.tree.map(lambda x: x.sharding, trainable)
-  opt_sh = _optimizer_shardings(jax.eval_shape(tx.init, trainable), trainable_sh, replicated)
-  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
+  abstract_opt = jax.eval_shape(tx.init, trainable)
+  opt_sh = _optimizer_shardings(abstract_opt, trainable_sh, replicated)
   base_rng = jax.random.key(int(config.seed))
 
   # ==== Restore (newest intact checkpoint; iterators repositioned in place) ============
@@ -245,15 +258,23 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
       os.path.join(workdir, "checkpoints"), max_to_keep=int(config.keep_checkpoints),
       async_save=bool(config.async_checkpoint))
 
-  def ckpt_state(step_value):
-    return {"params": trainable, "opt_state": opt_state,
-            "step": np.asarray(step_value, np.int64),
-            "rng": jax.random.key_data(base_rng)}
+  def ckpt_state(step_value, params, opt):
+    # step and rng as host numpy: orbax writes those once (process 0) on multi-host runs.
+    return {"params": params, "opt_state": opt, "step": np.asarray(step_value, np.int64),
+            "rng": np.asarray(jax.random.key_data(base_rng))}
 
+  # The restore target is a skeleton: shapes from eval_shape, shardings from the rules;
+  # no optimizer state is allocated before we know whether a checkpoint exists.
+  abstract = ckpt_state(
+      0, checkpoint_lib.abstract_like(trainable),
+      jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                   abstract_opt, opt_sh))
   step = 0
   restored_step = None
-  restored = ckpt.restore(checkpoint_lib.abstract_like(ckpt_state(0)), iterators)
-  if restored is not None:
+  restored = ckpt.restore(abstract, iterators)
+  if restored is None:
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
+  else:
     restored_step, state = restored
     trainable, opt_state = state["params"], state["opt_state"]
     base_rng = jax.random.wrap_key_data(np.asarray(state["rng"]))
@@ -276,7 +297,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   def flush_metrics() -> dict[str, float]:
     """Fetches pending step metrics, checks them, writes them; returns the last record."""
     last: dict[str, float] = {}
-    fetched = jax.device_get(pending)
+    fetched = [(s, kind, jax.tree.map(_fetch_replicated, m)) for s, kind, m in pending]
     pending.clear()
     for s, kind, metrics in fetched:
       for name, value in metrics.items():
@@ -291,7 +312,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
 
   def save(s: int) -> None:
     flush_metrics()  # never store a state whose metrics were not checked
-    if ckpt.save(s, ckpt_state(s), iterators):
+    if ckpt.save(s, ckpt_state(s, trainable, opt_state), iterators):
       logging.info("saved checkpoint step %d", s)
 
   eval_metrics: dict[str, Any] = {}

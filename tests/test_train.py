@@ -161,7 +161,10 @@ def test_sigterm_from_outside_saves_and_exits_zero(tmp_path):
   """A real SIGTERM to a training process: it checkpoints, finishes cleanly, exits 0."""
   script = pathlib.Path(__file__).with_name("_train_tiny.py")
   env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(script.parent.parent),
-                                                      os.environ.get("PYTHONPATH", "")])}
+                                                      os.environ.get("PYTHONPATH", "")]),
+         # Share this module's compilation cache: the child compiles the same steps.
+         "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), "100000", "0"],
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
   try:
@@ -189,6 +192,9 @@ def test_param_count_and_unknown_kind_are_loud(tmp_path):
       "trainable": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param))
                        ) - tiny.VOCAB * tiny.DIN,
       "frozen": tiny.VOCAB * tiny.DIN}
+  with pytest.raises(TypeError, match="'a' .*cannot be checkpointed"):
+    train.train(tiny.config(2), tmp_path, model_fn=tiny.model_fn, losses=tiny.LOSSES,
+                data={"a": iter([])}, mesh=tiny.mesh())
   with pytest.raises(ValueError, match="data kinds \\['c'\\] have no loss"):
     train.train(tiny.config(2), tmp_path, model_fn=tiny.model_fn, losses=tiny.LOSSES,
                 data={"c": tiny.make_iter(1)}, mesh=tiny.mesh())

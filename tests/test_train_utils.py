@@ -23,7 +23,7 @@ def test_schedule_warmup_then_cosine_by_hand():
   # Cosine over the remaining 10 steps from 2.0 to 0.2: halfway = 0.2 + 0.5 * 1.8.
   assert float(sched(9)) == pytest.approx(0.2 + 0.5 * 1.8 * (1 + math.cos(math.pi * 0.5)))
   assert float(sched(14)) == pytest.approx(0.2)
-  with pytest.raises(ValueError, match="exceeds total_steps"):
+  with pytest.raises(ValueError, match="must be below total_steps"):
     optim.make_schedule(optim.default_config(warmup_steps=20, total_steps=10))
   with pytest.raises(ValueError, match="total_steps is 0"):
     optim.make_schedule(optim.default_config())
