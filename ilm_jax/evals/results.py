@@ -30,7 +30,10 @@ KEY_FIELDS = ("dataset", "split", "task", "template", "method")
 METRIC_FIELDS = ("hr@5", "ndcg@5", "hr@10", "ndcg@10")
 REQUIRED = KEY_FIELDS + ("users",) + METRIC_FIELDS
 SPLITS = ("valid", "test")
-TASKS = ("sequential", "straightforward")
+TASKS = ("sequential", "straightforward", "phase1")
+# Phase 1 records (item encoder retrieval metrics, ``jobs/phase1``) carry recall@K etc.
+# instead of HR/NDCG; for them the ranking metrics are optional.
+METRIC_FREE_TASKS = ("phase1",)
 TEMPLATES = ("seen", "unseen")
 METHODS = ("mf", "text-only", "mlp", "ilm-rand", "ilm-it", "ilm-it-ii", "ilm-it-ui")
 _SUFFIX = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -57,7 +60,9 @@ def validate_record(record: Record) -> Record:
   Raises:
     ResultsError: naming the field and the allowed values.
   """
-  missing = [k for k in REQUIRED if k not in record]
+  required = (REQUIRED if record.get("task") not in METRIC_FREE_TASKS
+              else KEY_FIELDS + ("users",))
+  missing = [k for k in required if k not in record]
   if missing:
     raise ResultsError(f"record {record!r} lacks {missing}; required: {list(REQUIRED)}")
   rec = dict(record)
@@ -73,6 +78,8 @@ def validate_record(record: Record) -> Record:
     raise ResultsError(f"users={users!r} must be a positive integer")
   rec["users"] = int(users)
   for k in METRIC_FIELDS:
+    if k not in rec:
+      continue
     v = float(rec[k])
     if not (math.isfinite(v) and 0.0 <= v <= 1.0):
       raise ResultsError(f"{k}={rec[k]!r} must be a number in [0, 1]")
