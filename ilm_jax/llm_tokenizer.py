@@ -41,6 +41,24 @@ def _render(template: str, messages: Sequence[dict[str, str]], add_generation_pr
       messages=list(messages), add_generation_prompt=add_generation_prompt, **extra)
 
 
+def _named_errors(source: str, build):
+  """Runs ``build()``; any failure becomes a TokenizerError whose message names ``source``.
+
+  ``tokenizers`` raises bare ``Exception`` for a malformed tokenizer.json, json/gguf raise
+  ValueError/IndexError/KeyError/TypeError for malformed metadata.
+  """
+  from ilm_jax.models import llm_loading  # noqa: PLC0415
+
+  try:
+    return build()
+  except (TokenizerError, llm_loading.LoadError) as e:
+    if source in str(e):
+      raise
+    raise TokenizerError(f"{source}: {e}") from e
+  except Exception as e:  # noqa: BLE001  (see the docstring)
+    raise TokenizerError(f"{source}: cannot build the tokenizer ({type(e).__name__}: {e})") from e
+
+
 class LlmTokenizer:
   """Text <-> ids for the LLM, plus its chat template.
 
@@ -66,7 +84,16 @@ class LlmTokenizer:
 
   @classmethod
   def from_gguf(cls, path_or_reader) -> LlmTokenizer:
-    """Builds the tokenizer from a GGUF file's ``tokenizer.*`` metadata."""
+    """Builds the tokenizer from a GGUF file's ``tokenizer.*`` metadata.
+
+    Raises:
+      TokenizerError: (or llm_loading.LoadError for an unreadable file) naming the file.
+    """
+    source = str(path_or_reader) if isinstance(path_or_reader, (str, os.PathLike)) else "GGUF"
+    return _named_errors(source, lambda: cls._from_gguf(path_or_reader))
+
+  @classmethod
+  def _from_gguf(cls, path_or_reader) -> LlmTokenizer:
     from ilm_jax.models import llm_loading  # noqa: PLC0415
 
     reader = path_or_reader
@@ -102,7 +129,15 @@ class LlmTokenizer:
 
   @classmethod
   def from_hf(cls, folder: str | os.PathLike) -> LlmTokenizer:
-    """From a Hugging Face folder: tokenizer.json (+ tokenizer_config.json if present)."""
+    """From a Hugging Face folder: tokenizer.json (+ tokenizer_config.json if present).
+
+    Raises:
+      TokenizerError: a missing or malformed file, naming the folder.
+    """
+    return _named_errors(str(folder), lambda: cls._from_hf(folder))
+
+  @classmethod
+  def _from_hf(cls, folder: str | os.PathLike) -> LlmTokenizer:
     folder = pathlib.Path(folder)
     path = folder / "tokenizer.json"
     if not path.exists():

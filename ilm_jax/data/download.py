@@ -27,6 +27,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 
 from absl import logging
 
@@ -201,8 +202,15 @@ def extract_zip(archive: str | os.PathLike, dest: str | os.PathLike,
         if bad is not None:
           raise DataError(f"corrupt zip member {bad!r} (CRC mismatch)", path=str(archive))
         z.extractall(tmp)
-    except (zipfile.BadZipFile, EOFError) as e:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error, NotImplementedError,
+            RuntimeError, ValueError) as e:
+      # A corrupt archive surfaces as any of these (bad deflate data, unknown compression
+      # method, encryption, ...); DataError (a ValueError) keeps its own message.
+      if isinstance(e, DataError):
+        raise
       raise DataError(f"not a valid zip archive: {e}", path=str(archive)) from e
+    except OSError as e:
+      raise DataError(f"cannot read or extract the zip archive ({e})", path=str(archive)) from e
     (tmp / _COMPLETE).write_text((marker or str(archive)) + "\n")
     if dest.exists():
       shutil.rmtree(dest)

@@ -51,6 +51,13 @@ def _find(directory: pathlib.Path, name: str) -> pathlib.Path | None:
   return None
 
 
+def _is_int64(s: str) -> bool:
+  """An ASCII decimal integer that fits int64 (``'²'.isdigit()`` is True, ``int('²')`` fails)."""
+  s = s.strip()
+  digits = s[1:] if s.startswith("-") else s
+  return digits.isascii() and digits.isdigit() and -2**63 <= int(s) < 2**63
+
+
 def load_tmdb(path: pathlib.Path | str) -> dict[str, str]:
   """MovieID -> overview ('' where TMDB had none) from the TMDB TSV."""
   path = pathlib.Path(path)
@@ -92,7 +99,7 @@ def load_movie_meta(path: pathlib.Path | str,
   index, text, titles, genres = {}, [], [], []
   for n, line in enumerate(lines, 1):
     fields = line.split("::")
-    if len(fields) != 3 or not fields[0].strip().isdigit():
+    if len(fields) != 3 or not fields[0].strip().isdigit() or not _is_int64(fields[0]):
       raise DataError(f"expected 'MovieID::Title (Year)::Genre|Genre', got {line[:80]!r}",
                       path=str(path), line=n)
     mid, title = fields[0].strip(), fields[1].strip()
@@ -114,7 +121,7 @@ def _bad_line(path, lines, sep: str, nfields: int, what: str):
   """Finds the first malformed line after a fast parse failed and raises for it."""
   for n, line in enumerate(lines, 1):
     fields = line.split(sep)
-    if len(fields) != nfields or not all(f.strip().lstrip("-").isdigit() for f in fields):
+    if len(fields) != nfields or not all(_is_int64(f) for f in fields):
       raise DataError(f"expected {what}, got {line[:80]!r}", path=str(path), line=n)
   raise DataError(f"could not parse; expected {what}", path=str(path))
 
@@ -130,7 +137,7 @@ def _int_table(path: pathlib.Path, sep: str, nfields: int, what: str) -> np.ndar
     if len(flat) != nfields * len(lines):
       raise ValueError
     return np.array(flat, dtype=np.int64).reshape(-1, nfields)
-  except ValueError:
+  except (ValueError, OverflowError):
     _bad_line(path, lines, sep, nfields, what)
     raise  # unreachable: _bad_line raises
 
@@ -190,7 +197,7 @@ def load_movielens(directory: pathlib.Path | str, name: str = "ml1m",
     for n, line in enumerate(fileio.read_lines(p, "lines 'UserID MovieID MovieID ...'"), 1):
       try:
         row = np.array(line.split(), dtype=np.int64)
-      except ValueError:
+      except (ValueError, OverflowError):
         row = np.zeros(0, np.int64)
       if len(row) < 2:
         raise DataError(f"expected 'UserID MovieID [MovieID ...]' integers, got {line[:80]!r}",
@@ -223,9 +230,9 @@ def load_movielens(directory: pathlib.Path | str, name: str = "ml1m",
   _check_known(items, movie_ids, lines, src, "MovieID", movies)
   keep = np.isin(movie_ids, rated)
   item_ids = movie_ids[keep]
-  lookup = np.full(int(movie_ids.max()) + 1, -1, np.int64)
-  lookup[item_ids] = np.arange(len(item_ids))
-  sequences = [lookup[s].astype(np.int32) for s in seqs]
+  # Sorted search, not a dense MovieID-indexed table: ids may be huge.
+  by_id = np.argsort(item_ids)
+  sequences = [by_id[np.searchsorted(item_ids, s, sorter=by_id)].astype(np.int32) for s in seqs]
 
   users_dat = d / "users.dat"
   if users_dat.exists():
@@ -260,7 +267,7 @@ def _user_ids(path: pathlib.Path) -> np.ndarray:
   for n, line in enumerate(fileio.read_lines(path, "lines 'UserID::Gender::Age::Occupation::Zip'",
                                              "iso-8859-1"), 1):
     fields = line.split("::")
-    if len(fields) != 5 or not fields[0].isdigit():
+    if len(fields) != 5 or not _is_int64(fields[0]) or fields[0] != fields[0].strip():
       raise DataError(f"expected 'UserID::Gender::Age::Occupation::Zip-code', got {line[:80]!r}",
                       path=str(path), line=n)
     out.append(int(fields[0]))

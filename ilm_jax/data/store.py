@@ -291,10 +291,14 @@ def read_info(data_dir: str | os.PathLike) -> dict[str, Any] | None:
   if not p.is_file():
     return None
   try:
-    return json.loads(p.read_text())
-  except (OSError, json.JSONDecodeError) as e:
+    info = json.loads(p.read_text(encoding="utf-8"))
+  except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or bad UTF-8
     raise DataError(f"unreadable prepared-data info ({e}); delete the folder to rebuild",
                     path=os.fspath(p)) from e
+  if not isinstance(info, dict):
+    raise DataError(f"prepared-data info is a JSON {type(info).__name__}, not an object; "
+                    "delete the folder to rebuild", path=os.fspath(p))
+  return info
 
 
 def data_sources(data_dir: str | os.PathLike) -> dict[str, Any]:
@@ -353,8 +357,20 @@ def load(data_dir: str | os.PathLike) -> RecDataset:
 
   Returns:
     The RecDataset (item/user ids as numpy str arrays, sequences int32).
+
+  Raises:
+    DataError: no prepared dataset there, or a damaged one (names the folder).
   """
-  data_dir = pathlib.Path(data_dir)
+  try:
+    return _load(pathlib.Path(data_dir))
+  except DataError:
+    raise
+  except Exception as e:  # noqa: BLE001  (tfds, array_record, numpy, json: many types)
+    raise DataError(f"prepared data is damaged ({type(e).__name__}: {e}); delete the folder "
+                    "to rebuild", path=os.fspath(data_dir)) from e
+
+
+def _load(data_dir: pathlib.Path) -> RecDataset:
   info = read_info(data_dir)
   if info is None:
     raise DataError("no prepared dataset here (info.json missing); run the prepare job",

@@ -144,7 +144,37 @@ def build_model(config: llm.LlmConfig, params: Mapping[tuple, np.ndarray],
 
 
 def config_from_hf(cfg: Mapping[str, Any], source: str = "config.json") -> llm.LlmConfig:
-  """LlmConfig from a Hugging Face config.json dict."""
+  """LlmConfig from a Hugging Face config.json dict.
+
+  Raises:
+    LoadError: unsupported architecture, a missing key or a value of the wrong type/range.
+  """
+  if not isinstance(cfg, Mapping):
+    raise LoadError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
+  try:
+    return _check_config(_config_from_hf(cfg, source), source)
+  except LoadError:
+    raise
+  except KeyError as e:
+    raise LoadError(f"{source}: required key {e} is missing") from e
+  except (TypeError, ValueError, AttributeError, IndexError, OverflowError,
+          ZeroDivisionError) as e:
+    raise LoadError(f"{source}: bad value ({type(e).__name__}: {e})") from e
+
+
+def _check_config(c: llm.LlmConfig, source: str) -> llm.LlmConfig:
+  """Sizes are positive ints and the query heads group evenly over the kv heads."""
+  for name in ("vocab", "dim", "layers", "heads", "kv_heads", "head_dim", "ffn"):
+    v = getattr(c, name)
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+      raise LoadError(f"{source}: {name}={v!r} must be a positive integer")
+  if c.heads % c.kv_heads:
+    raise LoadError(f"{source}: {c.heads} attention heads do not group over {c.kv_heads} "
+                    "key/value heads")
+  return c
+
+
+def _config_from_hf(cfg: Mapping[str, Any], source: str) -> llm.LlmConfig:
   archs = cfg.get("architectures") or [cfg.get("architecture", "")]
   arch = archs[0] if archs else ""
   if arch not in HF_ARCHITECTURES:
@@ -211,7 +241,11 @@ def load_hf(folder: str | os.PathLike, *, dtype: str = "float32",
   cfg_path = folder / "config.json"
   if not cfg_path.exists():
     raise LoadError(f"{folder}: config.json not found (expected a Hugging Face model folder)")
-  config = config_from_hf(json.loads(cfg_path.read_text()), str(cfg_path))
+  try:
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    raise LoadError(f"{cfg_path}: not valid UTF-8 JSON ({e})") from e
+  config = config_from_hf(cfg, str(cfg_path))
   config = config.replace(dtype=dtype, param_dtype=param_dtype)
   params = hf_to_params(read_hf_state_dict(folder), config, str(folder))
   return build_model(config, params, str(folder))
@@ -367,7 +401,10 @@ def gguf_reader(path: str | os.PathLike):
   path = pathlib.Path(path)
   if not path.exists():
     raise LoadError(f"GGUF file {path} does not exist")
-  return gguf.GGUFReader(str(path))
+  try:
+    return gguf.GGUFReader(str(path))
+  except Exception as e:  # noqa: BLE001  (gguf raises ValueError, IndexError, ... on bad bytes)
+    raise LoadError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
 
 
 def load_gguf_state_dict(path: str | os.PathLike, use_cache: bool = True,
@@ -389,8 +426,14 @@ def load_gguf_state_dict(path: str | os.PathLike, use_cache: bool = True,
     except Exception:  # noqa: BLE001  (a corrupt cache is rebuilt, never trusted)
       cache.unlink(missing_ok=True)
   reader = reader or gguf_reader(path)
-  config = config_from_gguf(reader, str(path))
-  sd = gguf_state_dict(reader, config, str(path))
+  try:
+    config = _check_config(config_from_gguf(reader, str(path)), str(path))
+    sd = gguf_state_dict(reader, config, str(path))
+  except LoadError:
+    raise
+  except (ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError,
+          ZeroDivisionError) as e:  # a corrupt field or tensor that the reader let through
+    raise LoadError(f"{path}: corrupt or inconsistent GGUF ({type(e).__name__}: {e})") from e
   if use_cache:
     try:
       _atomic_save(sd, cache, {"llm_config": _config_to_json(config), "source": str(path)})
