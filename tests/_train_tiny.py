@@ -1,8 +1,9 @@
 """A tiny model, losses and Grain data for loop tests; also a script for signal tests.
 
-    python tests/_train_tiny.py WORKDIR TOTAL_STEPS CHECKPOINT_EVERY
+    python tests/_train_tiny.py WORKDIR TOTAL_STEPS CHECKPOINT_EVERY [PAUSE_AT]
 
-runs ``train.train`` on the tiny setup and prints ``STEP n`` after every step.
+runs ``train.train`` on the tiny setup and prints ``STEP n`` after every step; with
+PAUSE_AT it sleeps after that step (a window for the test to SIGKILL it).
 """
 
 from __future__ import annotations
@@ -106,6 +107,14 @@ def run(workdir, total_steps, checkpoint_every=2, on_step=None, **kw):
 
 
 if __name__ == "__main__":
+  import time
   workdir, total, every = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-  result = run(workdir, total, every, on_step=lambda s, b: print(f"STEP {s}", flush=True))
+  pause_at = int(sys.argv[4]) if len(sys.argv) > 4 else -1
+
+  def report(step, batch):
+    print(f"STEP {step}", flush=True)
+    if step == pause_at:
+      time.sleep(600)
+
+  result = run(workdir, total, every, on_step=report)
   print(f"DONE {result.step} signal={result.stopped_by_signal}", flush=True)

@@ -157,16 +157,44 @@ def test_sharded_step_matches_single_device():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_sigterm_from_outside_saves_and_exits_zero(tmp_path):
-  """A real SIGTERM to a training process: it checkpoints, finishes cleanly, exits 0."""
+def _start_tiny(*args) -> subprocess.Popen:
   script = pathlib.Path(__file__).with_name("_train_tiny.py")
   env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(script.parent.parent),
                                                       os.environ.get("PYTHONPATH", "")]),
          # Share this module's compilation cache: the child compiles the same steps.
          "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-  proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), "100000", "0"],
+  return subprocess.Popen([sys.executable, str(script), *map(str, args)],
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+
+
+def test_sigkill_then_resume_is_bit_identical(baseline, tmp_path):
+  """SIGKILL (no handler can run) after step 5; the last checkpoint is step 4; resuming in
+  a new process-like call ends bit-identical to the uninterrupted run."""
+  base_dir, base = baseline
+  proc = _start_tiny(tmp_path, TOTAL, 2, 5)
+  try:
+    for line in proc.stdout:
+      if line.startswith("STEP 5"):
+        proc.send_signal(signal.SIGKILL)
+        break
+    assert proc.wait(timeout=120) == -signal.SIGKILL
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  result = tiny.run(tmp_path, TOTAL)
+  assert result.restored_step == 4 and result.step == TOTAL
+  for a, b in zip(_leaves(base.trainable), _leaves(result.trainable), strict=True):
+    np.testing.assert_array_equal(a, b)
+  base_recs, _ = _step_records(base_dir)
+  recs, order = _step_records(tmp_path)
+  assert order == list(range(1, TOTAL + 1))  # each step logged once
+  assert [recs[s]["loss"] for s in order] == [base_recs[s]["loss"] for s in order]
+
+
+def test_sigterm_from_outside_saves_and_exits_zero(tmp_path):
+  """A real SIGTERM to a training process: it checkpoints, finishes cleanly, exits 0."""
+  proc = _start_tiny(tmp_path, 100000, 0)
   try:
     for line in proc.stdout:
       if line.startswith("STEP 2"):
