@@ -17,11 +17,12 @@ Every sample is rendered with the LLM's chat template (``phase2.PromptEncoder``)
 turns are prompt, assistant turns are answers (the loss covers them). OpenP5 tasks are a
 single user turn answered by the target string ``"{dataset} item_{tok}"``.
 
-Tokenisation boundary rule (why the spaces sit where they do): every ``str`` part that
-follows another part starts at a pre-tokeniser boundary (a space or punctuation) and no
-part ends with a space, so encoding the parts one by one and concatenating the ids gives
-exactly the ids of the whole string (tested); the ids of repeated parts ("item_1234",
-template pieces) are then computed once.
+Tokenisation boundary rule (why the spaces sit where they do): parts are encoded one by
+one and their ids concatenated, so the ids of repeated parts ("item_1234", template
+pieces) are computed once. A part that follows another starts with a space and no part
+ends with one, so the concatenation equals the tokenisation of the whole string -- exactly
+so for every OpenP5 prompt (tested); in conversations punctuation may follow a title
+("... (1995)?") and is then tokenised on its own, as it must be when a slot sits there.
 
 Dataset names in prompts (``dataset_label``) follow OpenP5's spelling: ml1m -> 'ML1M',
 beauty -> 'Beauty', clothing -> 'Clothing', generated -> 'Generated'; any other name is
@@ -31,6 +32,7 @@ used with its first letter upper-cased ('yelp' -> 'Yelp').
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Sequence
 
@@ -170,6 +172,21 @@ NUM_TRAIN_TEMPLATES = 10
 _PLACEHOLDER = re.compile(r" ?\{(user|history)\}")
 
 
+@functools.lru_cache(maxsize=256)
+def _parsed(task: str, template: int, label: str) -> tuple[tuple[str, str], ...]:
+  """Template -> (kind, text) pieces: ('text', s), ('user', lead), ('history', lead)."""
+  text = TEMPLATES[task][template].replace("{dataset}", label)
+  out, pos = [], 0
+  for m in _PLACEHOLDER.finditer(text):
+    if m.start() > pos:
+      out.append(("text", text[pos:m.start()]))
+    out.append((m.group(1), " " if m.group(0).startswith(" ") else ""))
+    pos = m.end()
+  if pos < len(text):
+    out.append(("text", text[pos:]))
+  return tuple(out)
+
+
 def openp5_sample(task: str, template: int, *, label: str, user: int, user_token: str,
                   history: Sequence[int], target: int, target_token: str,
                   user_soft_tokens: bool = True) -> Sample:
@@ -188,22 +205,16 @@ def openp5_sample(task: str, template: int, *, label: str, user: int, user_token
   Returns:
     The Sample (``template`` recorded, ``UNSEEN`` for the held-out one).
   """
-  text = TEMPLATES[task][template].replace("{dataset}", label)
   parts: list[Part] = []
-  pos = 0
-  for m in _PLACEHOLDER.finditer(text):
-    if m.start() > pos:
-      parts.append(text[pos:m.start()])
-    lead = " " if m.group(0).startswith(" ") else ""
-    if m.group(1) == "user":
-      parts.append(f"{lead}user_{user_token}")
+  for kind, text in _parsed(task, template, label):
+    if kind == "text":
+      parts.append(text)
+    elif kind == "user":
+      parts.append(f"{text}user_{user_token}")
       if user_soft_tokens:
         parts.append(Slot(USER, user))
     else:
-      parts.append(History(tuple(int(i) for i in history), "id"))
-    pos = m.end()
-  if pos < len(text):
-    parts.append(text[pos:])
+      parts.append(History(tuple(map(int, history)), "id"))
   answer = (target_string(label, target_token),) if target >= 0 else ()
   return Sample(task, (Turn("user", tuple(parts)), Turn("assistant", answer)),
                 target_item=int(target), user=int(user), template=int(template))
