@@ -38,7 +38,7 @@ def _tol(rtol, atol):
 
 def test_tokenizer_ids(ref):
   meta, npz = ref
-  tok = minilm.load_tokenizer(max_length=minilm.SENTENCE_MAX_LEN)
+  tok = minilm.load_tokenizer()
   texts = [s["text"] for s in meta["sentences"]]
   for s in meta["sentences"]:
     assert tok.encode(s["text"]).ids == s["input_ids"], s["text"]
@@ -47,15 +47,13 @@ def test_tokenizer_ids(ref):
   np.testing.assert_array_equal(valid, npz["attention_mask"].astype(bool))
 
 
-def test_dec_token_is_appended():
-  tok = minilm.load_tokenizer(add_dec=True)
-  dec = tok.token_to_id(qformer.DEC_TOKEN)
-  assert dec == qformer.QFormerConfig().dec_token_id
-  ids = tok.encode("[DEC] a movie").ids
-  assert ids[:2] == [qformer.BERT_CLS_ID, dec]
-  # Adding [DEC] must not change how ordinary text tokenises.
-  plain = minilm.load_tokenizer()
-  assert plain.encode("dec a decent movie").ids == tok.encode("dec a decent movie").ids
+def test_dec_token_matches_the_qformer_tokenizer():
+  """Our [DEC] id (the embedding row we add) is the one the data tokenizer assigns."""
+  from ilm_jax.data import tokenization
+
+  assert tokenization.dec_token_id() == qformer.QFormerConfig().dec_token_id
+  assert tokenization.vocab_size() == qformer.QFormerConfig().vocab_size
+  assert tokenization.DEC_TOKEN == qformer.DEC_TOKEN
 
 
 def test_hidden_states_and_embeddings(ref, encoder):

@@ -19,23 +19,18 @@ from flax import nnx
 
 from ilm_jax import masks, resources
 from ilm_jax.models import bert_loading, layers
-from ilm_jax.models.qformer import DEC_TOKEN
 
 SENTENCE_MAX_LEN = 256  # sentence-transformers max_seq_length for all-MiniLM-L6-v2
 
 
-def load_tokenizer(model_dir: str | pathlib.Path | None = None, *, add_dec: bool = False,
-                   max_length: int | None = None) -> tokenizers.Tokenizer:
-  """The BERT uncased WordPiece tokenizer of ``model_dir`` (default: MiniLM's).
+def load_tokenizer(model_dir: str | pathlib.Path | None = None, *,
+                   max_length: int | None = SENTENCE_MAX_LEN) -> tokenizers.Tokenizer:
+  """The BERT uncased WordPiece tokenizer of ``model_dir`` (default: MiniLM's), for
+  sentence embeddings. (The Q-Former's tokenizer, with ``[DEC]``, is
+  ``data.tokenization.text_tokenizer``.)
 
   The packaged tokenizer.json pads/truncates to 128; we switch padding off (use
   ``encode_batch``) and truncate at ``max_length`` (None = no truncation).
-
-  Args:
-    model_dir: folder with ``tokenizer.json``.
-    add_dec: add the ``[DEC]`` special token (the Q-Former's ITG BOS); it gets the next
-      free id (30522 for BERT), matching ``QFormerConfig.dec_token_id``.
-    max_length: truncation length incl. [CLS]/[SEP].
   """
   d = pathlib.Path(model_dir) if model_dir is not None else resources.minilm_dir()
   tok = tokenizers.Tokenizer.from_file(str(d / "tokenizer.json"))
@@ -44,12 +39,6 @@ def load_tokenizer(model_dir: str | pathlib.Path | None = None, *, add_dec: bool
     tok.no_truncation()
   else:
     tok.enable_truncation(max_length)
-  if add_dec:
-    vocab = tok.get_vocab_size(with_added_tokens=True)
-    tok.add_special_tokens([tokenizers.AddedToken(DEC_TOKEN, special=True, normalized=False)])
-    if tok.token_to_id(DEC_TOKEN) != vocab:
-      raise ValueError(f"{d}/tokenizer.json: [DEC] got id {tok.token_to_id(DEC_TOKEN)}, "
-                       f"expected {vocab}")
   return tok
 
 
@@ -126,7 +115,7 @@ def _sentence_model(model_dir: str | None):
     pooled = mean_pool(h, valid)
     return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
 
-  tok = load_tokenizer(model_dir, max_length=SENTENCE_MAX_LEN)
+  tok = load_tokenizer(model_dir)
   return tok, state, embed
 
 
