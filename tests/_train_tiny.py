@@ -101,9 +101,10 @@ def mesh():
   return partition.make_mesh(data=2, fsdp=4)
 
 
-def run(workdir, total_steps, checkpoint_every=2, on_step=None, **kw):
-  return train.train(config(total_steps, checkpoint_every), workdir, model_fn=model_fn,
-                     losses=LOSSES, data=make_data(), mesh=mesh(), on_step=on_step, **kw)
+def run(workdir, total_steps, checkpoint_every=2, on_step=None, eval_every=0, **kw):
+  return train.train(config(total_steps, checkpoint_every, eval_every=eval_every), workdir,
+                     model_fn=model_fn, losses=LOSSES, data=make_data(), mesh=mesh(),
+                     on_step=on_step, **kw)
 
 
 if __name__ == "__main__":

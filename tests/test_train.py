@@ -39,8 +39,28 @@ def _compile_cache(tmp_path_factory):
 def baseline(tmp_path_factory):
   """An uninterrupted TOTAL-step run with checkpoints every 2 steps."""
   workdir = tmp_path_factory.mktemp("baseline")
-  result = tiny.run(workdir, TOTAL)
+  probe = tiny.make_iter(99).__next__()
+  calls = []
+
+  def eval_fn(model, step):
+    calls.append(step)
+    return {"mse": float(np.mean((np.asarray(model(probe["ids"])) - probe["y"]) ** 2))}
+
+  result = tiny.run(workdir, TOTAL, eval_fn=eval_fn, eval_every=4)
+  assert calls == [4, TOTAL]  # every eval_every steps, and once at the end
   return workdir, result
+
+
+def test_metrics_jsonl_has_steps_evals_and_rates(baseline):
+  workdir, result = baseline
+  recs = read_metrics(workdir)
+  evals = [r for r in recs if "eval/mse" in r]
+  assert [r["step"] for r in evals] == [4, TOTAL]
+  assert evals[-1]["eval/mse"] == result.eval_metrics["mse"]
+  assert all(r["steps_per_sec"] > 0 for r in recs if "steps_per_sec" in r)
+  lrs = [r["learning_rate"] for r in recs if "loss" in r]
+  assert lrs[0] == 0.0 and lrs[2] == pytest.approx(1e-2)  # warm-up of 2 steps, then peak
+  assert list((pathlib.Path(workdir) / "tb").iterdir())
 
 
 def _leaves(state):
