@@ -52,6 +52,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(
           "config.data.source='openp5' needs --config.data.dir=PATH (an OpenP5-format folder) "
           "or --config.data.name=ml1m|beauty|clothing for the shared copies")
+    min_core = config.data.get("min_core", 0)
+    if isinstance(min_core, bool) or not isinstance(min_core, int) or min_core < 0:
+      raise ConfigError(f"config.data.min_core={min_core!r} must be an integer >= 0")
 
 
 # Datasets every job config accepts by name in its ``:arg``.

@@ -41,9 +41,32 @@ def main(argv: list[str]) -> None:
   jobs.job_module(job).run(config, _WORKDIR.value)
 
 
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+  """Parses flags; an unknown ``--config.key`` raises ``flags.Error`` naming the flag.
+
+  (ml_collections raises a bare ``AttributeError("'key'")`` for it.)
+  """
+  try:
+    return flag_values(argv)
+  except AttributeError as e:
+    key = str(e).strip("\"'")
+    bad = [a for a in argv[1:] if a.startswith("--config.") and key in a.split("=", 1)[0]]
+    raise flags.Error(f"{', '.join(bad) or '--config.*'}: the config has no key {key!r} (an "
+                      "override must name an existing field)") from e
+
+
+def _parse_flags_with_usage(argv: list[str]) -> list[str]:
+  try:
+    return parse_flags(argv)
+  except flags.Error as e:
+    sys.stderr.write(f"FATAL Flags parsing error: {e}\n"
+                     "Pass --helpshort or --helpfull to see help on flags.\n")
+    sys.exit(1)
+
+
 def entry() -> None:
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags_with_usage)
 
 
 if __name__ == "__main__":
