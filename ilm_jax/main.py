@@ -42,17 +42,19 @@ def main(argv: list[str]) -> None:
 
 
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
-  """Parses flags; an unknown ``--config.key`` raises ``flags.Error`` naming the flag.
+  """Parses flags; a bad ``--config.key`` override raises ``flags.Error`` naming the flag.
 
-  (ml_collections raises a bare ``AttributeError("'key'")`` for it.)
+  (ml_collections raises bare AttributeError/KeyError/TypeError/ValueError for an unknown
+  key, a key below a leaf such as ``--config.data.dir.x``, or a malformed key path.)
   """
   try:
     return flag_values(argv)
-  except AttributeError as e:
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
     key = str(e).strip("\"'")
-    bad = [a for a in argv[1:] if a.startswith("--config.") and key in a.split("=", 1)[0]]
-    raise flags.Error(f"{', '.join(bad) or '--config.*'}: the config has no key {key!r} (an "
-                      "override must name an existing field)") from e
+    overrides = [a for a in argv[1:] if a.startswith("--config.")]
+    bad = [a for a in overrides if key and key in a.split("=", 1)[0]] or overrides
+    raise flags.Error(f"{', '.join(bad) or '--config'}: not an override of an existing config "
+                      f"field ({type(e).__name__}: {e})") from e
 
 
 def _parse_flags_with_usage(argv: list[str]) -> list[str]:
