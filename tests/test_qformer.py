@@ -135,6 +135,24 @@ def test_phase1_losses_jit_and_grad(tiny):
     assert gnorm[name] > 0, name
 
 
+def test_remat_gives_the_same_gradients(tiny):
+  cf, _, _ = _batch()
+  remat = qformer.QFormer(qformer.QFormerConfig(**{**TINY.__dict__, "remat": True}),
+                          rngs=nnx.Rngs(0))
+
+  def grads(model):
+    graphdef, state = nnx.split(model)
+    def f(state):
+      m = nnx.merge(graphdef, state)
+      return (m.item_feats(cf) ** 3).sum()
+    return jax.jit(jax.grad(f))(state)
+
+  for (p, a), (_, b) in zip(nnx.to_flat_state(grads(tiny)), nnx.to_flat_state(grads(remat)),
+                            strict=True):
+    np.testing.assert_allclose(np.asarray(a[...]), np.asarray(b[...]), rtol=1e-4, atol=1e-6,
+                               err_msg=str(p))
+
+
 def test_every_param_has_logical_axes(tiny):
   for path, var in nnx.to_flat_state(nnx.state(tiny, nnx.Param)):
     names = var.get_metadata().get("out_sharding")

@@ -75,6 +75,8 @@ class QFormerConfig:
     cls_token_id: id of ``[CLS]``.
     pad_token_id: id of ``[PAD]``.
     dtype: compute dtype name ('float32' or 'bfloat16'); params stay float32.
+    remat: recompute each layer's activations in the backward pass (less memory, ~1/3
+      more compute).
   """
 
   vocab_size: int = BERT_VOCAB_SIZE + 1
@@ -96,6 +98,7 @@ class QFormerConfig:
   cls_token_id: int = BERT_CLS_ID
   pad_token_id: int = BERT_PAD_ID
   dtype: str = "float32"
+  remat: bool = False
 
   @property
   def mem_dim(self) -> int:
@@ -240,6 +243,8 @@ class QFormer(nnx.Module):
     Returns:
       float[B, S, H] last hidden state (and the list of per-layer states).
     """
+    if text_ids is None and not with_queries:
+      raise ValueError("encode needs queries, text or both")
     parts = []
     k = 0
     if with_queries:
@@ -250,8 +255,14 @@ class QFormer(nnx.Module):
       parts.append(self.embeddings(text_ids).astype(_dtype(self.cfg)))
     x = self.embed_norm(jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
     states = [x]
+
+    def apply(layer, x, mask, memory, memory_mask):
+      return layer(x, num_queries=k, mask=mask, memory=memory, memory_mask=memory_mask)
+
+    if self.cfg.remat:
+      apply = nnx.remat(apply)
     for layer in self.layers:
-      x = layer(x, num_queries=k, mask=mask, memory=memory, memory_mask=memory_mask)
+      x = apply(layer, x, mask, memory, memory_mask)
       states.append(x)
     return (x, states) if return_hidden_states else x
 
