@@ -511,3 +511,91 @@ def store_target() -> Target:
   files = _prepared_files()
   return Target("store/prepared-dir", files, tuple(files), _store_load, (DataError,),
                 _check_rec_dataset, {k: b"," for k in files if k.endswith(".json")})
+
+
+# ---------------------------------------------------------------------- config parsing
+
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+_ODD_VALUES = ("", "None", "none", "[1,", "(1,", "{", "true", "maybe", "-1", "0", "1e400", "nan",
+               "inf", "99999999999999999999999", "0x10", "'x'", "\\", "=", " ", "--config",
+               "ml1m", "openp5", "generated", "movielens", "/nonexistent/dir", "gs://b/x")
+_ODD_ARGS = ("", "tiny", "ml1m", "beauty", "clothing", "movielens", "generated", "download",
+             "ml1m,tiny", "tiny,tiny", ",", "ML1M", " tiny ", "bogus", "phase1", "it-ii",
+             "\x00", "a:b", "1", "generated,download")
+
+
+def _leaves(c, prefix: str = "") -> list[str]:
+  out = []
+  for k, v in c.items():
+    if hasattr(v, "items"):
+      out += [f"{prefix}{k}"] + _leaves(v, f"{prefix}{k}.")
+    else:
+      out.append(f"{prefix}{k}")
+  return out
+
+
+def config_keys(config_file: pathlib.Path) -> list[str]:
+  """Every key path of the file's default config (sub-dicts included)."""
+  import importlib.util  # noqa: PLC0415
+
+  spec = importlib.util.spec_from_file_location(f"_fuzz_cfg_{config_file.stem}", config_file)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return _leaves(mod.get_config(""))
+
+
+@st.composite
+def config_argv(draw, config_files: list[pathlib.Path]) -> list[str]:
+  """``--config=FILE[:ARG] --config.key=value ...`` with odd args, keys and values."""
+  f = draw(st.sampled_from(config_files))
+  arg = draw(st.one_of(st.sampled_from(_ODD_ARGS), st.text(max_size=12)))
+  argv = [f"--config={f}" + (f":{arg}" if arg or draw(st.booleans()) else "")]
+  keys = config_keys(f)
+  for _ in range(draw(st.integers(0, 3))):
+    key = draw(st.one_of(st.sampled_from(keys), st.sampled_from(keys).map(lambda k: k + ".x"),
+                         st.text("abcxyz_.", min_size=1, max_size=8)))
+    value = draw(st.one_of(st.sampled_from(_ODD_VALUES), st.text(max_size=12),
+                           st.integers().map(str), st.floats().map(str)))
+    argv.append(f"--config.{key}={value}" if draw(st.integers(0, 9)) else f"--config.{key}")
+  return argv
+
+
+def parse_config(argv: list[str]):
+  """main's flag parsing (fresh FlagValues) + ``config_lib.validate``."""
+  from absl import flags  # noqa: PLC0415
+  from ml_collections import config_flags  # noqa: PLC0415
+
+  from ilm_jax import config_lib, main  # noqa: PLC0415
+
+  argv = ["ilm_jax.main", *argv, "--workdir=/tmp/unused"]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "", flag_values=fv)
+  main.parse_flags(argv, fv)
+  config = fv.config
+  config_lib.validate(config)
+  return config
+
+
+def check_config_case(argv: list[str]) -> str:
+  """Contract for config parsing: a config, or flags.Error/ConfigError naming the flag/key."""
+  from absl import flags  # noqa: PLC0415
+
+  from ilm_jax import config_lib  # noqa: PLC0415
+
+  try:
+    with deadline():
+      config = parse_config(argv)
+  except (flags.Error, config_lib.ConfigError) as e:
+    if "config" not in str(e):
+      raise ContractViolation(f"config: {type(e).__name__} names no flag/key: {e}") from e
+    return "error"
+  except Hang as e:
+    raise ContractViolation(f"config: hang on {argv}") from e
+  except Exception as e:  # noqa: BLE001
+    raise ContractViolation(f"config: {type(e).__name__} instead of flags.Error/ConfigError "
+                            f"for {argv}: {e}") from e
+  if "job" not in config:
+    raise ContractViolation(f"config: parsed config has no job: {argv}")
+  return "ok"

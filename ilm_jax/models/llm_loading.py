@@ -163,14 +163,11 @@ def config_from_hf(cfg: Mapping[str, Any], source: str = "config.json") -> llm.L
 
 
 def _check_config(c: llm.LlmConfig, source: str) -> llm.LlmConfig:
-  """Sizes are positive ints and the query heads group evenly over the kv heads."""
+  """Sizes are positive ints (``LlmConfig`` itself checks that kv heads divide heads)."""
   for name in ("vocab", "dim", "layers", "heads", "kv_heads", "head_dim", "ffn"):
     v = getattr(c, name)
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
       raise LoadError(f"{source}: {name}={v!r} must be a positive integer")
-  if c.heads % c.kv_heads:
-    raise LoadError(f"{source}: {c.heads} attention heads do not group over {c.kv_heads} "
-                    "key/value heads")
   return c
 
 
