@@ -73,8 +73,9 @@ def _digest(p: epath.Path) -> str:
   return h.hexdigest()
 
 
-def write_manifest(step_dir: epath.Path) -> None:
+def write_manifest(step_dir: epath.PathLike) -> None:
   """Records size and sha256 of every file in a committed step directory."""
+  step_dir = epath.Path(step_dir)
   entries = {str(p.relative_to(step_dir)): [p.stat().length, _digest(p)]
              for p in _files(step_dir)}
   tmp = step_dir / (MANIFEST + ".tmp")
@@ -82,13 +83,14 @@ def write_manifest(step_dir: epath.Path) -> None:
   tmp.rename(step_dir / MANIFEST)
 
 
-def verify_manifest(step_dir: epath.Path) -> str | None:
+def verify_manifest(step_dir: epath.PathLike) -> str | None:
   """Checks a step against its manifest; returns a problem description or None if intact.
 
   A step without a manifest (written by another tool, or a crash between orbax's commit
   and the manifest) is not rejected here: orbax's own commit marker vouches for it and
   the restore itself is the remaining check.
   """
+  step_dir = epath.Path(step_dir)
   manifest = step_dir / MANIFEST
   if not manifest.exists():
     return None

@@ -29,13 +29,16 @@ def _save_steps(ckpt, steps, it):
     assert ckpt.save(s, _state(float(s)), {"train": it})
 
 
-def test_round_trip_restores_arrays_and_iterator_position(tmp_path):
-  ckpt = checkpoint.Checkpointer(tmp_path / "ckpt")
+@pytest.mark.parametrize("async_save", [False, True])
+def test_round_trip_restores_arrays_and_iterator_position(tmp_path, async_save):
+  ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", async_save=async_save)
   it = _iter()
   _save_steps(ckpt, [1, 2], it)
   expected_next = next(it)
   assert not ckpt.save(2, _state(9.0), {"train": it})  # existing step: nothing written
   ckpt.close()
+  assert checkpoint.verify_manifest(tmp_path / "ckpt" / "2") is None
+  assert (tmp_path / "ckpt" / "2" / checkpoint.MANIFEST).exists()
 
   fresh = _iter()
   ckpt = checkpoint.Checkpointer(tmp_path / "ckpt")
