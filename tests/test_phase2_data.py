@@ -81,7 +81,7 @@ def _plain(ds, part) -> str:
     return part
   if isinstance(part, P.Slot):
     return ""
-  return " " + " , ".join(ds.item_titles[i] if part.style == "title" else
+  return " " + " , ".join(" ".join(ds.item_titles[i].split()[:8]) if part.style == "title" else
                           f"item_{ds.item_tokens[i]}" for i in part.items)
 
 
@@ -308,7 +308,9 @@ def test_grounded_answers(data):
   s = phase2.conversational_samples(ds, split, "attributes", 5, seed=0)
   for x in s:
     item = [p for p in x.turns[0].content if isinstance(p, P.Slot)][0].index
-    assert _answers(x)[0] == f"{ds.item_titles[item]}: {P.join_list(ds.item_attrs['genres'][item])}."
+    title = ds.item_titles[item]
+    assert len(title.split()) <= 8
+    assert _answers(x)[0] == f"{title}: {P.join_list(ds.item_attrs['genres'][item])}."
   s = phase2.conversational_samples(ds, split, "taste", 3, seed=0)
   for x in s:
     hist = [p for p in x.turns[0].content if isinstance(p, P.History)][0].items

@@ -113,7 +113,7 @@ class PromptEncoder:
     self._stop = set(tokenizer.stop_ids)
     self._pads = [self.pad_id] * self.soft_tokens
     tok = list(ds.item_tokens)
-    titles = [t.strip() for t in ds.item_titles]
+    titles = [P.item_name(t, "") if t.strip() else "" for t in ds.item_titles]
     self.prefetch([f" item_{t}" for t in tok] + [f" {t}" for t in titles if t] + [" ,"])
     self._item_id = [self._cache[f" item_{t}"] for t in tok]
     self._item_title = [self._cache[f" {t}"] if t else self._item_id[i]
@@ -456,7 +456,7 @@ def has_conversational_data(ds: RecDataset) -> bool:
 
 
 def _title(ds: RecDataset, i: int) -> str:
-  return ds.item_titles[i].strip() or f"item_{ds.item_tokens[i]}"
+  return P.item_name(ds.item_titles[i], ds.item_tokens[i])
 
 
 def _short(text: str, max_words: int) -> str:

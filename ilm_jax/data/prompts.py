@@ -223,14 +223,23 @@ def openp5_sample(task: str, template: int, *, label: str, user: int, user_token
 # ---------------------------------------------------------------------------- conversations
 
 
+TITLE_WORDS = 8
+
+
+def item_name(title: str, item_token: str) -> str:
+  """How a conversation names an item: its title cut to ``TITLE_WORDS`` words (Amazon
+  titles run to 270 tokens), else "item_<tok>"."""
+  words = title.split()
+  return " ".join(words[:TITLE_WORDS]) if words else f"item_{item_token}"
+
+
 def item_ref(title: str, item_token: str, index: int) -> tuple[Part, ...]:
-  """How a conversation names an item: its title (else "item_<tok>") and its slot.
+  """An item in a conversation prompt: its name (``item_name``) and its slot.
 
   The leading space follows the boundary rule; callers put it after text that does not
   end in a space.
   """
-  name = title.strip() or f"item_{item_token}"
-  return (" " + name, Slot(ITEM, index))
+  return (" " + item_name(title, item_token), Slot(ITEM, index))
 
 
 def join_list(values: Sequence[str]) -> str:
@@ -256,7 +265,7 @@ def render_text(sample: Sample, *, item_tokens: Sequence[str] | None = None,
         names = []
         for i in p.items:
           if p.style == "title" and item_titles is not None and item_titles[i]:
-            names.append(item_titles[i])
+            names.append(item_name(item_titles[i], ""))
           else:
             names.append(f"item_{item_tokens[i] if item_tokens is not None else i}")
         out.append(" " + " , ".join(n + slot_text for n in names))
