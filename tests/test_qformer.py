@@ -37,6 +37,16 @@ def _batch(b=2, length=6, seed=0):
   return jnp.asarray(cf), jnp.asarray(ids), valid
 
 
+def test_query_ffn_starts_as_a_copy_of_the_text_ffn(tiny):
+  fresh = qformer.QFormer(TINY, rngs=nnx.Rngs(3))
+  for layer in fresh.layers:
+    np.testing.assert_array_equal(np.asarray(layer.ffn_query.up.kernel[...]),
+                                  np.asarray(layer.ffn.up.kernel[...]))
+    assert layer.ffn_query.up.kernel is not layer.ffn.up.kernel  # separate params
+  assert not np.array_equal(np.asarray(fresh.layers[0].ffn.up.kernel[...]),
+                            np.asarray(fresh.layers[1].ffn.up.kernel[...]))
+
+
 def test_shapes(tiny):
   cf, ids, valid = _batch()
   k, h, p = TINY.num_query_tokens, TINY.hidden_size, TINY.proj_dim

@@ -168,7 +168,9 @@ class QFormerLayer(nnx.Module):
         layers.Attention(h, cfg.num_heads, kv_dim=cfg.mem_dim, **kw)
         if cfg.has_cross_attention(index) else None)
     self.ffn = layers.FeedForward(h, cfg.intermediate_size, **kw)
-    self.ffn_query = layers.FeedForward(h, cfg.intermediate_size, **kw)
+    # LAVIS copies the text FFN into the query FFN at init; loaders redo the copy after
+    # overwriting the text FFN.
+    self.ffn_query = nnx.clone(self.ffn)
 
   def __call__(self, x: jax.Array, *, num_queries: int, mask: jax.Array | None,
                memory: jax.Array | None, memory_mask: jax.Array | None) -> jax.Array:
