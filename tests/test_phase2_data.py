@@ -398,3 +398,14 @@ def test_pipeline_batches_resume_and_shard(built):
   whole = ds[3]
   for k in phase2.EXAMPLE_KEYS:
     assert (np.concatenate([h[k] for h in halves]) == whole[k]).all()
+
+
+def test_build_with_config(tok, data):
+  ds, split = data
+  cfg = phase2.default_config()
+  cfg.update(soft_tokens=2, max_len=288, examples_per_user=2, system="Be brief.")
+  cfg.weights.update(describe=0.0, multiturn=0.0)
+  enc, ex = phase2.build(ds, split, tok, cfg)
+  assert enc.soft_tokens == 2 and ex["input_ids"].shape[1] == 288
+  assert P.TASK_ID["describe"] not in ex["task"] and P.TASK_ID["taste"] in ex["task"]
+  assert tok.decode(ex["input_ids"][0]).startswith("<|im_start|>system\nBe brief.<|im_end|>")

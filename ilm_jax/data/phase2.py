@@ -50,6 +50,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 import grain
+import ml_collections
 import numpy as np
 
 from ilm_jax.data import pipeline
@@ -620,6 +621,65 @@ def train_samples(ds: RecDataset, split: Split, *, seed: int = 0, examples_per_u
     if w > 0:
       out += conversational_samples(ds, split, task, round(scale * w), seed=seed)
   return out
+
+
+# ============================================================================ one call
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """``config.phase2_data``: the knobs of ``build`` (suggested; the trainer may embed it).
+
+  Keys:
+    soft_tokens: K placeholder positions per slot (0 = text-only baseline).
+    user_soft_tokens: soft tokens after "user_<u>" too.
+    max_len, max_slots: T and S of the static arrays.
+    max_history: OpenP5 history length (last 20 items).
+    examples_per_user: cap of sequential (and straightforward) samples per user.
+    weights: task mixture (see ``train_samples``); 0 turns a task off.
+    seed: sample selection seed (the pipeline's shuffle seed is separate).
+    system: system message for every sample; '' = the chat template's default.
+  """
+  c = ml_collections.ConfigDict()
+  c.soft_tokens = 4
+  c.user_soft_tokens = True
+  c.max_len = 320
+  c.max_slots = MAX_HISTORY + 2
+  c.max_history = MAX_HISTORY
+  c.examples_per_user = 10
+  c.weights = ml_collections.ConfigDict(dict(DEFAULT_WEIGHTS))
+  c.seed = 0
+  c.system = ""
+  return c
+
+
+def build(ds: RecDataset, split: Split, tokenizer: LlmTokenizer,
+          config: Mapping | None = None) -> tuple[PromptEncoder, dict[str, np.ndarray]]:
+  """Training examples for Phase 2 in one call (train split only).
+
+  Args:
+    ds, split: the dataset and its leave-one-out split.
+    tokenizer: the LLM tokenizer.
+    config: ``default_config()`` (or a mapping with its keys); None = defaults.
+
+  Returns:
+    (encoder -- reuse it for eval prompts so K/T/S agree, examples -- arrays of
+    ``EXAMPLE_KEYS``, R rows).
+  """
+  c = default_config()
+  if config is not None:
+    c.update(dict(config))
+  encoder = PromptEncoder(tokenizer, ds, soft_tokens=c.soft_tokens,
+                          user_soft_tokens=c.user_soft_tokens, max_len=c.max_len,
+                          max_slots=c.max_slots, system=c.system or None)
+  samples = train_samples(ds, split, seed=c.seed, examples_per_user=c.examples_per_user,
+                          weights=dict(c.weights), max_history=c.max_history,
+                          user_soft_tokens=c.user_soft_tokens)
+  examples, dropped = encode_examples(samples, encoder)
+  counts = collections.Counter(examples["task"].tolist())
+  log.info("phase2 %s: %d examples (%s), %d dropped, mean length %.0f of %d", ds.name,
+           len(examples["task"]), ", ".join(f"{P.TASKS[t]} {n}" for t, n in sorted(counts.items())),
+           dropped, examples["attn_mask"].sum(1).mean() if len(samples) else 0, c.max_len)
+  return encoder, examples
 
 
 # ============================================================================ pipeline
