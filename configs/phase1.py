@@ -9,6 +9,9 @@ ARG (comma-separated, optional, any order):
   generated (default) | ml1m | beauty | clothing   the dataset (OpenP5 shared copies for
       the last three; any OpenP5 folder: ``--config.data.source=openp5 --config.data.dir=P``).
   tiny   small random-init model, tiny catalogue, few steps: runs on CPU in seconds (tests).
+  small  a CPU-budget run (random init, 2 layers, 128 wide, batch 32, ITG on 8 rows of each
+      batch, 200 item-text steps) on the full dataset: what docs/PHASE1.md compares on a
+      shared 2-core machine.
 
 Writes DIR/results.json (task ``phase1``, methods ``ilm-it`` / ``ilm-it-ii`` / ``ilm-it-ui``),
 DIR/phase1/params + DIR/phase1/qformer_config.json (``ilm_jax.phase1.load_qformer``),
@@ -28,16 +31,17 @@ DATASETS = ("generated", "ml1m", "beauty", "clothing")
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   """The phase1 job's config; ``arg`` as in the module docstring."""
   parts = [p.strip().lower() for p in (arg or "").split(",") if p.strip()]
-  unknown = [p for p in parts if p not in VARIANTS and p not in DATASETS and p != "tiny"]
+  unknown = [p for p in parts if p not in VARIANTS and p not in DATASETS and p not in ("tiny", "small")]
   variants = [p for p in parts if p in VARIANTS]
   datasets = [p for p in parts if p in DATASETS]
   if unknown or len(variants) > 1 or len(datasets) > 1:
     raise config_lib.ConfigError(
         f"configs/phase1.py:{arg}: give at most one variant ({', '.join(VARIANTS)}), at most "
-        f"one dataset ({', '.join(DATASETS)}) and optionally 'tiny'; unknown: {unknown}")
+        f"one dataset ({', '.join(DATASETS)}) and optionally 'tiny' or 'small'; unknown: {unknown}")
   variant = variants[0] if variants else "it_ii"
   dataset = datasets[0] if datasets else "generated"
   tiny = "tiny" in parts
+  small = "small" in parts
 
   c = ml_collections.ConfigDict()
   c.job = "phase1"
@@ -48,6 +52,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # CF embeddings: this npz if set; else WORKDIR/cf/embeddings.npz if present; else
   # weighted ALS (ilm_jax.cf.mf) is trained on the train split here and saved there.
   c.cf_path = ""
+  c.data_dir = ""  # prepared data folder; '' = WORKDIR/data/<dataset> (jobs/prepare.py)
   c.mf = ml_collections.ConfigDict(dict(
       dim=64, reg=1.0, alpha=10.0, iters=10, seed=0, init_scale=0.01, eval_every=0,
       patience=0, chunk_floats=1 << 23))
@@ -71,6 +76,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.loss = ml_collections.ConfigDict(dict(
       itc=1.0, itm=1.0, itg=1.0, label_smoothing=0.1,
+      itg_rows=0,  # ITG on the first N rows of a batch only (0 = all; CPU budget knob)
       pair=1.0))  # weight of the II / UI loss
 
   # total_steps counts every update; IT runs half as many (only its item-text steps).
@@ -87,6 +93,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       max_cluster_items=2000,
       seed=0))
 
+  if small:
+    c.pipeline.update(dict(text_batch=32, pair_batch=32, text_max_len=40))
+    c.loss.itg_rows = 8
+    c.model.update(dict(init="random", num_layers=2, hidden_size=128, num_heads=4,
+                        intermediate_size=512))
+    steps = 200
+    c.train.update(dict(total_steps=steps if variant == "it" else 2 * steps, log_every=20,
+                        checkpoint_every=100))
+    c.train.optimizer.update(dict(lr=5e-4, warmup_steps=30))
   if tiny:
     if dataset == "generated":
       c.data.generated.update(dict(num_items=200, num_users=300, num_clusters=10))

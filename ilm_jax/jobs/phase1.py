@@ -245,7 +245,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   pair_kind = PAIR_KINDS[variant]
 
   # ---- data: train split only for everything trained ----
-  ds = prepare.prepared_dataset(config.data, workdir)
+  ds = prepare.prepared_dataset(config.data, workdir, prepare.data_dir(config, workdir))
   split = types.leave_one_out(ds)
   emb = cf_embeddings(config, workdir, ds, split)
   pc = config.pipeline
@@ -278,7 +278,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   lc = config.loss
   loss_fns = phase1.loss_fns(pair_kind, pair_weight=float(lc.pair), itc_weight=float(lc.itc),
                              itm_weight=float(lc.itm), itg_weight=float(lc.itg),
-                             label_smoothing=float(lc.label_smoothing))
+                             label_smoothing=float(lc.label_smoothing),
+                             itg_rows=int(lc.itg_rows))
   evaluator = Phase1Evaluator(ds, split, all_text, heldout, item_emb, config.eval)
   mesh = partition.make_mesh()
 
@@ -303,6 +304,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       layers=qcfg.num_layers, hidden=qcfg.hidden_size, memory_tokens=qcfg.num_memory_tokens,
       text_batch=int(pc.text_batch), pair_batch=int(pc.pair_batch),
       heldout_fraction=float(config.heldout_fraction), seed=int(config.train.seed),
+      itg_rows=int(config.loss.itg_rows),
       **{k: float(v) for k, v in metrics.items() if k != "eval_seconds"},
       **evaluator.reference)
   results.write_results(workdir, [record])
