@@ -1,0 +1,128 @@
+r"""Phase 2 job: the ILM (Q-Former soft tokens in a frozen LLM) and its baselines.
+
+  python -m ilm_jax.main --config=configs/phase2.py[:ARG] --workdir=DIR [--config.x=...]
+
+ARG (comma-separated, optional, any order):
+  ilm (default) | rand | mlp | text   the model (SPEC §5): Q-Former from the Phase 1
+      checkpoint in DIR (or ``--config.phase1_dir``; method ilm-it / ilm-it-ii / ilm-it-ui,
+      read from that dir's results.json, else ``--config.phase1_variant``); the same
+      Q-Former with Phase 1's starting weights (ilm-rand); a CF -> 2-layer MLP adaptor
+      (mlp); no soft tokens, items named by id only (text-only: only the retrieval head
+      and its learned item table train, generation is the frozen LLM's).
+  generated (default) | ml1m | beauty | clothing   the dataset.
+  tiny   a random 2-layer Llama (``LlmConfig.tiny``, SmolLM2's tokenizer), the tiny
+      catalogue and a few steps: runs on CPU in seconds (tests).
+
+Writes DIR/phase2/<method>/: checkpoints/ (resumable), metrics.jsonl, tb/, and the trained
+state ``params`` + ``ilm.json`` (``ilm_jax.models.ilm.load_trained``), ``summary.json``.
+
+CPU budget of the default ``:generated`` run (the README pipeline's Phase 2 stage, 2 cores,
+SmolLM2-135M fwd+bwd, see docs in the job's summary for the measured rate): short
+prompts (``max_history`` 5 items, ``max_len`` 128 instead of 20 items / ~320 tokens),
+one sampled training position per user and task, batch 8 and 60 steps (~480 examples, a
+fraction of one epoch). It trades away accuracy -- the soft tokens barely train -- for a
+pipeline stage of a few minutes; the ML1M/Beauty/Clothing configs use the OpenP5 history
+of 20 items and many more steps.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import ml_collections
+
+from ilm_jax import config_lib, optim, train
+from ilm_jax.data import phase2 as data_phase2
+
+VARIANTS = ("ilm", "rand", "mlp", "text")
+DATASETS = ("generated", "ml1m", "beauty", "clothing")
+_HERE = pathlib.Path(__file__).resolve().parent
+
+# Params that never train, per variant (``partition.trainable_filter`` regexes). The
+# Q-Former's text branch is unused by the query-only pass (see models/ilm.py).
+FROZEN = {
+    "ilm": ("^llm/", r"^encoder/qformer/(embeddings|text_proj|item_proj|itm_head|lm_head|temp)"),
+    "rand": ("^llm/", r"^encoder/qformer/(embeddings|text_proj|item_proj|itm_head|lm_head|temp)"),
+    "mlp": ("^llm/",),
+    "text": ("^llm/",),
+}
+
+
+def _phase1_model(arg: str) -> ml_collections.ConfigDict:
+  """``configs/phase1.py``'s model section: ILM-rand is that architecture, untrained."""
+  spec = importlib.util.spec_from_file_location("ilm_configs_phase1_for_phase2",
+                                                _HERE / "phase1.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg).model
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  """The phase2 job's config; ``arg`` as in the module docstring."""
+  parts = [p.strip().lower() for p in (arg or "").split(",") if p.strip()]
+  unknown = [p for p in parts if p not in VARIANTS and p not in DATASETS and p != "tiny"]
+  variants = [p for p in parts if p in VARIANTS]
+  datasets = [p for p in parts if p in DATASETS]
+  if unknown or len(variants) > 1 or len(datasets) > 1:
+    raise config_lib.ConfigError(
+        f"configs/phase2.py:{arg}: give at most one variant ({', '.join(VARIANTS)}), at most "
+        f"one dataset ({', '.join(DATASETS)}) and optionally 'tiny'; unknown: {unknown}")
+  variant = variants[0] if variants else "ilm"
+  dataset = datasets[0] if datasets else "generated"
+  tiny = "tiny" in parts
+
+  c = ml_collections.ConfigDict()
+  c.job = "phase2"
+  c.variant = variant
+  c.method = ""            # '' = from the variant (and the Phase 1 dir for 'ilm')
+  c.phase1_dir = ""        # '' = WORKDIR (where the phase1 job leaves its Q-Former)
+  c.phase1_variant = "it_ii"  # names the method when the Phase 1 dir does not say
+  c.data = config_lib.dataset_config(dataset, tiny=tiny)
+  c.data_dir = ""          # prepared data folder; '' = WORKDIR/data/<dataset>
+  # CF embeddings: this npz if set; else <Phase 1 dir or WORKDIR>/cf/embeddings.npz; else
+  # weighted ALS is trained there (same settings as the phase1 job).
+  c.cf_path = ""
+  c.mf = ml_collections.ConfigDict(dict(
+      dim=16 if tiny else 64, reg=1.0, alpha=10.0, iters=3 if tiny else 10, seed=0,
+      init_scale=0.01, eval_every=0, patience=0, chunk_floats=1 << 23))
+  c.seed = 0               # init of the new params (projection, MLP, retrieval head)
+
+  # Frozen LLM: '' = packaged SmolLM2-135M-Instruct GGUF; or a .gguf / HF folder.
+  c.llm = ml_collections.ConfigDict(dict(source="", tiny=tiny, dtype="float32", seed=0))
+  c.qformer = _phase1_model(",".join([dataset] + (["tiny"] if tiny else [])))  # 'rand'
+  c.mlp = ml_collections.ConfigDict(dict(hidden=512, num_tokens=4))
+  c.retrieval = ml_collections.ConfigDict(dict(
+      dim=256, weight=1.0,
+      candidates="full"))  # 'full' = softmax over every item; 'batch' = in-batch targets
+
+  generated = dataset == "generated"
+  c.prompts = ml_collections.ConfigDict(dict(
+      max_len=128 if generated else 320, max_slots=8 if generated else 22,
+      max_history=5 if generated else data_phase2.MAX_HISTORY,
+      examples_per_user=1 if generated else 10, user_soft_tokens=True, seed=0))
+  c.prompts.weights = ml_collections.ConfigDict(dict(data_phase2.DEFAULT_WEIGHTS))
+  c.batch_size = 8
+  c.loss = ml_collections.ConfigDict(dict(
+      label_smoothing=0.0,
+      max_answer_tokens=-1))  # -1 = the longest answer in the data; 0 = all positions
+
+  steps = 60 if generated else 2000
+  c.train = train.default_config(
+      total_steps=steps, log_every=10, checkpoint_every=0 if generated else 500,
+      eval_every=0, seed=0, jit_init=False, frozen=FROZEN[variant],
+      optimizer=optim.default_config(lr=1e-4 if generated else 1e-4, warmup_steps=10
+                                     if generated else 100, weight_decay=0.05))
+  # Retrieval-head validation (HR/NDCG on valid targets) on a fixed user sample; every
+  # eval_every steps and at the end. max_users 0 = off.
+  c.eval = ml_collections.ConfigDict(dict(max_users=64, batch_size=16, seed=0))
+
+  if tiny:
+    c.prompts.update(dict(max_len=96, max_slots=6, max_history=3, examples_per_user=1))
+    c.mlp.update(dict(hidden=32, num_tokens=2))
+    c.retrieval.dim = 32
+    c.batch_size = 8
+    c.train.update(dict(total_steps=12, log_every=4, checkpoint_every=0))
+    c.train.optimizer.update(dict(lr=3e-3, warmup_steps=2))
+    c.eval.update(dict(max_users=16, batch_size=8))
+  return c
