@@ -1,6 +1,6 @@
 """Phase 2 data: task samples from the train split, static-shape tokenisation, Grain batches.
 
-Pipeline (everything host-side numpy, built once):
+Pipeline (everything host-side numpy, built once; ``build`` runs the first three):
 
   train_samples(ds, split, ...)      list[prompts.Sample], train split only: OpenP5
                                      sequential/straightforward (10 templates each, never
@@ -34,8 +34,9 @@ counts real positions, so right padding works; to left-pad instead, roll each ro
 ``T - prompt_len`` (and shift ``slot_pos`` by the same amount).
 
 Truncation: when a sample does not fit T (or S), its history loses its oldest items until
-it fits; answers are never cut. Samples that cannot fit even so are dropped and counted
-(``encode_examples(...)['dropped']`` is not an array: see its Returns).
+it fits (at least one item stays); answers are never cut. Training samples that cannot fit
+even so are dropped (``encode_examples`` returns their number and logs it); eval prompts
+that cannot fit raise.
 
 Soft tokens off (``soft_tokens=0``) is the text-only baseline: no placeholders, items are
 named by id or title only. ``user_soft_tokens=False`` drops user slots only.
