@@ -224,13 +224,22 @@ def openp5_sample(task: str, template: int, *, label: str, user: int, user_token
 
 
 TITLE_WORDS = 8
+_DANGLING = {"", "and", "with", "by", "for", "of", "the", "a", "an", "in", "to", "or"}
 
 
 def item_name(title: str, item_token: str) -> str:
   """How a conversation names an item: its title cut to ``TITLE_WORDS`` words (Amazon
   titles run to 270 tokens), else "item_<tok>"."""
   words = title.split()
-  return " ".join(words[:TITLE_WORDS]) if words else f"item_{item_token}"
+  if not words:
+    return f"item_{item_token}"
+  if len(words) > TITLE_WORDS:
+    words = words[:TITLE_WORDS]
+    # A cut title should not end mid-phrase ("Hand and", "Set with Pouch,").
+    while len(words) > 1 and words[-1].lower().strip(",;:-(&/") in _DANGLING:
+      words.pop()
+    words[-1] = words[-1].rstrip(",;:-(&/") or words[-1]
+  return " ".join(words)
 
 
 def item_ref(title: str, item_token: str, index: int) -> tuple[Part, ...]:
