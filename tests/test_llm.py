@@ -445,3 +445,25 @@ def test_params_carry_logical_axes(tiny):
     axes = var.get_metadata().get("out_sharding")
     assert axes is not None and len(axes) == var[...].ndim, path
     assert set(axes) <= {"vocab", "embed", "heads", "kv", "mlp"}, (path, axes)
+
+
+def test_remat_gives_same_soft_token_gradients(tiny):
+  """Phase 2 differentiates through the frozen LLM w.r.t. input embeddings."""
+  remat = llm.Llm(tiny.config.replace(remat=True), rngs=nnx.Rngs(0))
+  nnx.update(remat, nnx.state(tiny))
+  embeds = tiny.embed(jnp.asarray([[3, 4, 5, 6]]))
+
+  def grad(model):
+    graphdef, state = nnx.split(model)
+
+    def loss(state, e):
+      logits, _, _ = nnx.merge(graphdef, state)(input_embeds=e)
+      return jnp.mean(jax.nn.log_softmax(logits)[..., 7])
+
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=1))(state, embeds))
+    return jax.jit(jax.grad(loss, argnums=1))(state, embeds), "remat" in jaxpr
+
+  (g0, remat0), (g1, remat1) = grad(tiny), grad(remat)
+  assert not remat0 and remat1
+  assert float(jnp.max(jnp.abs(g0))) > 0
+  np.testing.assert_allclose(np.asarray(g1), np.asarray(g0), rtol=1e-5, atol=1e-7)

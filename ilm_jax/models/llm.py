@@ -62,6 +62,8 @@ class LlmConfig:
     max_len: maximum context length (informational; caches are sized by callers).
     dtype: compute dtype ('float32' or 'bfloat16'); norms, softmax and logits stay f32.
     param_dtype: storage dtype of the weights.
+    remat: recompute each block in the backward pass (gradients w.r.t. soft tokens
+      through the frozen LLM in Phase 2 then keep one block's activations at a time).
   """
   vocab: int = 49152
   dim: int = 576
@@ -81,6 +83,7 @@ class LlmConfig:
   max_len: int = 8192
   dtype: str = "float32"
   param_dtype: str = "float32"
+  remat: bool = False
 
   def __post_init__(self):
     if self.heads % self.kv_heads:
@@ -365,6 +368,14 @@ class Block(nnx.Module):
     return h, new_kv
 
 
+def _run_block(block: Block, remat: bool, *args):
+  if not remat:
+    return block(*args)
+  # Pure jax.checkpoint over the block's state: nothing inside mutates it.
+  graphdef, state = nnx.split(block)
+  return jax.checkpoint(lambda st, *a: nnx.merge(graphdef, st)(*a))(state, *args)
+
+
 class Llm(nnx.Module):
   """Llama-family causal LM. See the module docstring for the forward contract."""
 
@@ -445,7 +456,7 @@ class Llm(nnx.Module):
     new_k, new_v = [], []
     for i, block in enumerate(self.blocks):
       kv = None if cache is None else (cache.k[i], cache.v[i])
-      h, nkv = block(h, positions, attn_mask, slots, inv_freq, kv, index)
+      h, nkv = _run_block(block, c.remat, h, positions, attn_mask, slots, inv_freq, kv, index)
       if nkv is not None:
         new_k.append(nkv[0])
         new_v.append(nkv[1])
