@@ -26,6 +26,7 @@ import _fuzz_targets as F  # noqa: E402, N812
 from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
 
 CONFIG = "config/main-flags+validate"
+WRITER = "store/write"
 
 
 def _run(name: str, strategy, check, cases: int, rng_seed: int) -> dict:
@@ -68,17 +69,20 @@ def main() -> int:
   absl_logging.set_verbosity(absl_logging.ERROR)
 
   targets = F.targets()
-  names = [*targets, CONFIG]
+  names = [*targets, CONFIG, WRITER]
   if args.targets:
     names = [n for n in args.targets.split(",") if n]
-    unknown = sorted(set(names) - set(targets) - {CONFIG})
+    unknown = sorted(set(names) - set(targets) - {CONFIG, WRITER})
     if unknown:
-      p.error(f"unknown targets {unknown}; valid: {', '.join([*targets, CONFIG])}")
+      p.error(f"unknown targets {unknown}; valid: {', '.join([*targets, CONFIG, WRITER])}")
   rows = []
   for name in names:
     if name == CONFIG:
       strategy = F.config_argv(sorted(F.CONFIGS.glob("*.py")))
       rows.append(_run(name, strategy, F.check_config_case, args.cases, args.seed))
+    elif name == WRITER:  # ~0.2 s a case (two TFDS writes): a tenth of the cases
+      rows.append(_run(name, F.rec_datasets(), F.check_writer_case, max(1, args.cases // 10),
+                       args.seed))
     else:
       t = targets[name]
       rows.append(_run(name, F.case(t), lambda files, t=t: F.check_case(t, files), args.cases,

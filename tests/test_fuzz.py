@@ -72,6 +72,12 @@ def test_config_parsing_contract(argv):
   F.check_config_case(argv)
 
 
+@settings(CI, max_examples=15)
+@given(ds=F.rec_datasets())
+def test_store_writer_contract(ds):
+  F.check_writer_case(ds)
+
+
 def test_contract_checker_catches_violations():
   """The harness itself: wrong error type, unnamed path and hangs are all violations."""
   def boom(root):
@@ -220,6 +226,17 @@ def test_damaged_prepared_dir_is_data_error(tmp_path, damage):
   F.write_files(tmp_path, files)
   with pytest.raises(DataError, match=str(tmp_path)):
     store.load(tmp_path)
+
+
+def test_empty_dataset_write_is_clear_error(tmp_path):
+  """0 items/users used to fail inside TFDS with a bare AssertionError."""
+  from ilm_jax.data.types import RecDataset  # noqa: PLC0415
+
+  ds = RecDataset(name="e", item_ids=np.array([], str), user_ids=np.array([], str),
+                  sequences=[], item_text=[], item_titles=[])
+  with pytest.raises(ValueError, match="0 items and 0 users"):
+    store.write(ds, tmp_path / "out" / "e", progress=False)
+  assert not (tmp_path / "out" / "e").exists()
 
 
 @pytest.mark.parametrize("override", ["--config.nokey=1", "--config.data.nokey=1",

@@ -166,6 +166,10 @@ def _user_examples(ds: RecDataset, progress: _Progress) -> Iterator[dict[str, An
 
 def _check_dataset(ds: RecDataset) -> None:
   n, u = ds.num_items, ds.num_users
+  if n == 0 or u == 0:
+    # TFDS cannot write an empty split (it fails with a bare AssertionError).
+    raise ValueError(f"RecDataset {ds.name!r} has {n} items and {u} users; nothing to store "
+                     "(did the k-core filter, config.data.min_core, remove everything?)")
   lengths = {"item_text": len(ds.item_text), "item_titles": len(ds.item_titles),
              "sequences": len(ds.sequences)}
   lengths |= {f"item_attrs[{k!r}]": len(v) for k, v in ds.item_attrs.items()}
