@@ -1,0 +1,313 @@
+"""OpenP5 ranking evaluation of a Phase 2 model (SPEC §6): beam search and retrieval head.
+
+Two scorers over the same prompts (``data.phase2.eval_samples`` rendered by a
+``PromptEncoder``: the seen or unseen test template of the sequential or straightforward
+task, soft tokens spliced into the LLM's input embeddings):
+
+* ``rank_generation``: OpenP5's protocol. Trie-constrained beam search (beam 10) over the
+  tokenised target strings "{dataset} item_{id}" (+ the end-of-turn id the answers were
+  trained with); per user the trie allows every item except the user's history, so a
+  beam can never name a history item or a string that is not an item. The K finished
+  beams, best first, are the ranked list (``ranking.ranks_from_lists``).
+* ``rank_retrieval``: the retrieval head. One LLM pass over the prompt; the final hidden
+  state at the last prompt position scores every item (``model.retrieval_scores``); full
+  ranking with the history excluded (``ranking.rank_users``).
+
+Both return per-user ranks; ``ranking.summarize`` turns them into HR/NDCG@5/10 with
+standard errors. ``evaluate`` runs one (task, template, scorer) and returns a results
+record (SPEC §8) with timing extras.
+
+The model is anything with the Phase 2 ILM interface (``ilm_jax.models.ilm.ILM``):
+``llm`` (an ``llm.Llm``), ``prompt_embeds(input_ids, slot_ids, slot_kind, slot_pos)`` ->
+float32[B, T, D] and ``retrieval_scores(hidden_last float32[B, D])`` -> float32[B, N].
+
+Batches have static shapes: every batch holds ``batch_size`` users (the last one is padded
+with copies of its first row, whose outputs are dropped) and every prompt is padded to one
+length per evaluation, so each scorer compiles once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ilm_jax import generation
+from ilm_jax.data import phase2
+from ilm_jax.data.types import RecDataset, Split
+from ilm_jax.evals import ranking
+
+BEAM_SIZE = 10
+SCORERS = ("generation", "retrieval")
+_LEN_MULTIPLE = 32  # prompt lengths are rounded up to this (fewer distinct compilations)
+
+
+# ============================================================================ prompts
+
+
+def eval_users(num_users: int, max_users: int = 0, seed: int = 0) -> np.ndarray:
+  """Users to evaluate: all (``max_users`` 0 or >= U), else a fixed seeded sorted sample.
+
+  The same (U, max_users, seed) always gives the same users, so every method is scored on
+  the same subsample.
+  """
+  if not max_users or max_users >= num_users:
+    return np.arange(num_users)
+  rng = np.random.default_rng(seed)
+  return np.sort(rng.choice(num_users, max_users, replace=False))
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompts:
+  """Encoded eval prompts of one (split, task, template), one row per user.
+
+  Attributes:
+    arrays: ``phase2.encode_prompts`` output cut to a common length T (a multiple of 32):
+      input_ids int32[U, T], attn_mask bool[U, T], slot_* int32[U, S], prompt_len ...
+    users: int[U] dense user indices, row order.
+    targets: int32[U] target items.
+    histories: U arrays: each user's history (excluded from the candidates).
+  """
+  arrays: dict[str, np.ndarray]
+  users: np.ndarray
+  targets: np.ndarray
+  histories: list[np.ndarray]
+
+
+def build_prompts(ds: RecDataset, split: Split, which: str, task: str, template: str,
+                  encoder: phase2.PromptEncoder, users: Sequence[int] | None = None) -> Prompts:
+  """Renders and encodes one eval prompt per user (``phase2.eval_samples``).
+
+  Args:
+    ds, split: the dataset and its leave-one-out split.
+    which: 'valid' or 'test' (targets and histories from ``split``).
+    task: 'sequential' or 'straightforward'.
+    template: 'seen' or 'unseen'.
+    encoder: the PromptEncoder the model was trained with (K, user slots, T).
+    users: dense user indices (default: all).
+
+  Returns:
+    Prompts.
+  """
+  users = np.arange(ds.num_users) if users is None else np.asarray(users, np.int64)
+  samples = phase2.eval_samples(ds, split, which, task, template, users=users.tolist(),
+                                user_soft_tokens=encoder.user_soft_tokens)
+  arrays = phase2.encode_prompts(samples, encoder)
+  t = int(arrays["prompt_len"].max()) if len(samples) else 1
+  t = min(encoder.max_len, -(-t // _LEN_MULTIPLE) * _LEN_MULTIPLE)
+  for k in ("input_ids", "attn_mask"):
+    arrays[k] = np.ascontiguousarray(arrays[k][:, :t])
+  hist = split.history(which)
+  return Prompts(arrays=arrays, users=users,
+                 targets=np.asarray(split.targets(which), np.int32)[users],
+                 histories=[np.asarray(hist[u]) for u in users])
+
+
+def _batches(n: int, batch_size: int):
+  """(rows int[batch_size] padded with the batch's first row, number of real rows)."""
+  for start in range(0, n, batch_size):
+    rows = np.arange(start, min(n, start + batch_size))
+    m = len(rows)
+    if m < batch_size:
+      rows = np.concatenate([rows, np.full(batch_size - m, rows[0])])
+    yield rows, m
+
+
+class Progress:
+  """Prints users done, users/s and ETA at most every ``every_s`` seconds (and at the end)."""
+
+  def __init__(self, total: int, label: str, every_s: float = 10.0,
+               out: Callable[[str], None] | None = None):
+    self.total, self.label, self.every_s = total, label, every_s
+    self.out = out or (lambda s: print(s, flush=True))
+    self.t0 = self.last = time.perf_counter()
+    self.done = 0
+
+  def update(self, n: int) -> None:
+    self.done += n
+    now = time.perf_counter()
+    if now - self.last >= self.every_s or self.done >= self.total:
+      self.last = now
+      rate = self.done / max(now - self.t0, 1e-9)
+      eta = (self.total - self.done) / max(rate, 1e-9)
+      self.out(f"{self.label}: {self.done}/{self.total} users, {rate:.2f} users/s, "
+               f"ETA {eta:.0f}s")
+
+  @property
+  def seconds(self) -> float:
+    return time.perf_counter() - self.t0
+
+
+# ============================================================================ model calls
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _prompt_embeds(graphdef, state, input_ids, slot_ids, slot_kind, slot_pos):
+  return nnx.merge(graphdef, state).prompt_embeds(input_ids, slot_ids, slot_kind, slot_pos)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _retrieval(graphdef, state, input_ids, attn_mask, slot_ids, slot_kind, slot_pos):
+  model = nnx.merge(graphdef, state)
+  embeds = model.prompt_embeds(input_ids, slot_ids, slot_kind, slot_pos)
+  _, hidden, _ = model.llm(embeds, mask=attn_mask, compute_logits=False)
+  t = attn_mask.shape[1]
+  last = jnp.max(jnp.where(attn_mask, jnp.arange(t), -1), axis=1)
+  return model.retrieval_scores(hidden[jnp.arange(hidden.shape[0]), last])
+
+
+def _inputs(arrays: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, jax.Array]:
+  keys = ("input_ids", "attn_mask", "slot_ids", "slot_kind", "slot_pos")
+  return {k: jnp.asarray(arrays[k][rows]) for k in keys}
+
+
+def prompt_embeds(model: nnx.Module, arrays: dict[str, np.ndarray], rows: np.ndarray,
+                  split_model=None) -> tuple[jax.Array, jax.Array]:
+  """(float32[B, T, D] input embeddings with soft tokens, bool[B, T] mask) of ``rows``."""
+  graphdef, state = split_model or nnx.split(model)
+  x = _inputs(arrays, rows)
+  emb = _prompt_embeds(graphdef, state, x["input_ids"], x["slot_ids"], x["slot_kind"],
+                       x["slot_pos"])
+  return emb, x["attn_mask"]
+
+
+# ============================================================================ scorers
+
+
+def item_trie(ds: RecDataset, encoder: phase2.PromptEncoder) -> generation.ItemTrie:
+  """Trie over every item's target string ids + the end-of-turn id (``phase2.item_strings``)."""
+  _, ids = phase2.item_strings(ds, encoder.tokenizer)
+  return generation.ItemTrie.build(ids, end_id=encoder.end_id)
+
+
+def rank_generation(model: nnx.Module, prompts: Prompts, trie: generation.ItemTrie, *,
+                    beam_size: int = BEAM_SIZE, batch_size: int = 16,
+                    progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """OpenP5 generation ranking: trie-constrained beam search, history items disallowed.
+
+  Args:
+    model: the Phase 2 model (module docstring).
+    prompts: from ``build_prompts``.
+    trie: ``item_trie(ds, encoder)``.
+    beam_size: K beams = the length of each ranked list.
+    batch_size: users per beam search call.
+    progress: optional progress printer.
+
+  Returns:
+    (ranks int32[U] (``ranking.NOT_RANKED`` = miss), ranked items int32[U, K], -1 where
+    fewer than K allowed items were found).
+  """
+  n = len(prompts.users)
+  batch_size = max(1, min(batch_size, n))
+  split_model = nnx.split(model)
+  allowed_all = ~ranking.history_mask(prompts.histories, trie.num_items)
+  out = np.full((n, beam_size), -1, np.int32)
+  for rows, m in _batches(n, batch_size):
+    emb, mask = prompt_embeds(model, prompts.arrays, rows, split_model)
+    res = generation.constrained_beam_search(
+        model.llm, trie, input_embeds=emb, mask=mask, allowed=jnp.asarray(allowed_all[rows]),
+        beam_size=beam_size, pad_id=_pad_id(model))
+    out[rows[:m]] = np.asarray(res.items)[:m]
+    if progress is not None:
+      progress.update(m)
+  ranks = ranking.ranks_from_lists(out, prompts.targets, prompts.histories)
+  return ranks, out
+
+
+def _pad_id(model: nnx.Module) -> int:
+  """The LLM's pad id (filler after a finished beam)."""
+  return int(model.llm.config.pad_id)
+
+
+def rank_retrieval(model: nnx.Module, prompts: Prompts, num_items: int, *,
+                   batch_size: int = 32, progress: Progress | None = None) -> np.ndarray:
+  """Retrieval-head ranking: one LLM pass per prompt, every item scored, history excluded.
+
+  Returns:
+    int32[U] ranks (``ranking.NOT_RANKED`` = target in the history).
+  """
+  n = len(prompts.users)
+  graphdef, state = nnx.split(model)
+  row_of = {int(u): i for i, u in enumerate(prompts.users)}
+  # rank_users works in user ids; map them back to prompt rows (padding uses user 0,
+  # which may not be in the subsample: any row then does, its output is dropped).
+  histories = {int(u): h for u, h in zip(prompts.users, prompts.histories, strict=True)}
+  all_hist = [histories.get(u, np.zeros(0, np.int64)) for u in range(int(prompts.users.max()) + 1)]
+  targets = np.zeros(len(all_hist), np.int32)
+  targets[prompts.users] = prompts.targets
+
+  def score_fn(user_ids: jax.Array) -> jax.Array:
+    rows = np.array([row_of.get(int(u), 0) for u in np.asarray(user_ids)])
+    x = _inputs(prompts.arrays, rows)
+    scores = _retrieval(graphdef, state, x["input_ids"], x["attn_mask"], x["slot_ids"],
+                        x["slot_kind"], x["slot_pos"])
+    if progress is not None:
+      progress.update(min(len(rows), n - progress.done))
+    return scores
+
+  return ranking.rank_users(score_fn, all_hist, targets, num_items, users=prompts.users,
+                            batch_size=max(1, min(batch_size, n)))
+
+
+# ============================================================================ records
+
+
+def evaluate(model: nnx.Module, ds: RecDataset, split: Split, encoder: phase2.PromptEncoder, *,
+             method: str, which: str = "test", task: str = "sequential",
+             template: str = "seen", scorer: str = "generation",
+             users: Sequence[int] | None = None, batch_size: int = 16,
+             beam_size: int = BEAM_SIZE, trie: generation.ItemTrie | None = None,
+             prompts: Prompts | None = None,
+             log: Callable[[str], None] | None = None) -> dict[str, Any]:
+  """One results record (SPEC §8): HR/NDCG@5/10 ± std errors of ``method`` with ``scorer``.
+
+  Args:
+    model: the Phase 2 model.
+    ds, split: dataset and leave-one-out split.
+    encoder: the model's PromptEncoder.
+    method: base method name ('ilm-it-ii', ...); the retrieval scorer appends
+      '+retrieval'.
+    which, task, template: what to evaluate.
+    scorer: 'generation' (beam search) or 'retrieval' (retrieval head).
+    users: dense user indices (default all; ``eval_users`` for a subsample).
+    batch_size: users per call.
+    beam_size: beams (generation).
+    trie: prebuilt ``item_trie`` (built here if None).
+    prompts: prebuilt ``build_prompts`` output for these arguments (built if None).
+    log: progress printer (default print).
+
+  Returns:
+    The record, with extras: std errors, wall_s (scoring only), users_per_s, scorer,
+    beam_size, subsample (bool).
+  """
+  if scorer not in SCORERS:
+    raise ValueError(f"scorer={scorer!r}; valid: {', '.join(SCORERS)}")
+  if prompts is None:
+    prompts = build_prompts(ds, split, which, task, template, encoder, users)
+  n = len(prompts.users)
+  label = f"eval {ds.name} {which} {task}/{template} {method} {scorer}"
+  progress = Progress(n, label, out=log)
+  if scorer == "generation":
+    trie = trie if trie is not None else item_trie(ds, encoder)
+    ranks, _ = rank_generation(model, prompts, trie, beam_size=beam_size,
+                               batch_size=batch_size, progress=progress)
+    name = method
+  else:
+    ranks = rank_retrieval(model, prompts, ds.num_items, batch_size=batch_size,
+                           progress=progress)
+    name = f"{method}+retrieval"
+  wall = progress.seconds
+  rec = dict(dataset=ds.name, split=which, task=task, template=template, method=name,
+             **ranking.summarize(ranks))
+  rec.update(scorer=scorer, wall_s=round(wall, 2), users_per_s=round(n / max(wall, 1e-9), 3),
+             subsample=bool(n < ds.num_users), num_items=ds.num_items)
+  if scorer == "generation":
+    rec["beam_size"] = beam_size
+  return rec
