@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
 
 CONFIG = "config/main-flags+validate"
 WRITER = "store/write"
+GENERATED = "sources/generated"
 
 
 def _run(name: str, strategy, check, cases: int, rng_seed: int) -> dict:
@@ -69,17 +70,21 @@ def main() -> int:
   absl_logging.set_verbosity(absl_logging.ERROR)
 
   targets = F.targets()
-  names = [*targets, CONFIG, WRITER]
+  extra = (CONFIG, WRITER, GENERATED)
+  names = [*targets, *extra]
   if args.targets:
     names = [n for n in args.targets.split(",") if n]
-    unknown = sorted(set(names) - set(targets) - {CONFIG, WRITER})
+    unknown = sorted(set(names) - set(targets) - set(extra))
     if unknown:
-      p.error(f"unknown targets {unknown}; valid: {', '.join([*targets, CONFIG, WRITER])}")
+      p.error(f"unknown targets {unknown}; valid: {', '.join([*targets, *extra])}")
   rows = []
   for name in names:
     if name == CONFIG:
       strategy = F.config_argv(sorted(F.CONFIGS.glob("*.py")))
       rows.append(_run(name, strategy, F.check_config_case, args.cases, args.seed))
+    elif name == GENERATED:
+      rows.append(_run(name, F.generated_configs(), F.check_generated_case, args.cases,
+                       args.seed))
     elif name == WRITER:  # ~0.2 s a case (two TFDS writes): a tenth of the cases
       rows.append(_run(name, F.rec_datasets(), F.check_writer_case, max(1, args.cases // 10),
                        args.seed))

@@ -665,3 +665,44 @@ def check_writer_case(ds) -> str:
     if not same:
       raise ContractViolation(f"store.write/load round trip changed the dataset: {ds} -> {back}")
     return "ok"
+
+
+# ---------------------------------------------------------------------- generated catalogue
+
+_GEN_KEYS = ("seed", "num_items", "num_users", "num_clusters", "min_len", "max_len")
+
+
+@st.composite
+def generated_configs(draw) -> dict:
+  """``config.data`` for source='generated' with small, zero, negative or huge values."""
+  small = st.integers(-3, 120)
+  g = {"seed": draw(st.one_of(st.integers(-5, 5), st.integers(0, 2**70))),
+       "num_items": draw(st.integers(-3, 300)), "num_users": draw(small),
+       "num_clusters": draw(st.integers(-3, 30)), "min_len": draw(st.integers(-3, 30)),
+       "max_len": draw(st.integers(-3, 60))}
+  return {"source": "generated", "dir": "", "name": "", "item_meta": "",
+          "min_core": draw(st.integers(0, 40)), "generated": g}
+
+
+def check_generated_case(data_config: dict) -> str:
+  """sources.load_dataset: a valid RecDataset or a ValueError naming the offending key."""
+  from ilm_jax.data import sources  # noqa: PLC0415
+
+  try:
+    with deadline():
+      ds = sources.load_dataset(data_config)
+  except ValueError as e:  # DataError and ConfigError are ValueErrors
+    if not any(k in str(e) for k in (*_GEN_KEYS, "min_core")):
+      raise ContractViolation(f"generated: error names no config key: {e}") from e
+    return "error"
+  except Hang as e:
+    raise ContractViolation(f"generated: hang on {data_config['generated']}") from e
+  except Exception as e:  # noqa: BLE001
+    raise ContractViolation(f"generated: {type(e).__name__} for {data_config}: {e}") from e
+  try:
+    _check_rec_dataset(ds)
+    lengths = [len(s) for s in ds.sequences]
+    assert not lengths or min(lengths) >= data_config["min_core"], "k-core violated"
+  except AssertionError as e:
+    raise ContractViolation(f"generated: invalid result for {data_config}: {e}") from e
+  return "ok"

@@ -72,6 +72,19 @@ def test_config_parsing_contract(argv):
   F.check_config_case(argv)
 
 
+@CI
+@given(data_config=F.generated_configs())
+def test_generated_source_contract(data_config):
+  F.check_generated_case(data_config)
+
+
+def test_negative_seed_is_named():
+  from ilm_jax.data import generated  # noqa: PLC0415
+
+  with pytest.raises(ValueError, match=r"seed \(-1\) must be >= 0"):
+    generated.generate(seed=-1, num_items=50, num_users=10, num_clusters=2)
+
+
 @settings(CI, max_examples=15)
 @given(ds=F.rec_datasets())
 def test_store_writer_contract(ds):

@@ -101,6 +101,8 @@ def generate(seed: int = 0, num_items: int = 1000, num_users: int = 2000,
                      f"({num_items})")
   if num_clusters < 1 or num_users < 1:
     raise ValueError("num_clusters and num_users must be >= 1")
+  if seed < 0:  # numpy's message ("expected non-negative integer") names no argument
+    raise ValueError(f"seed ({seed}) must be >= 0")
   rng = np.random.default_rng(seed)
   n, g, t = num_items, len(GENRES), len(TONES)
 
