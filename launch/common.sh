@@ -11,6 +11,7 @@
 #   ILM_REPO          git URL of this project     (required by setup.sh)
 #   ILM_REF           git ref to check out        (default main)
 #   ILM_JAX_VERSION   jax[tpu] version            (default 0.10.2, the version setup.cfg pins)
+#   ILM_PYTHON        Python for the venv on the workers (default python3.11; needs >= 3.11)
 #   ILM_SPOT          1 = create a Spot VM        (default 0)
 #   ILM_WORKERS       number of TPU VM workers (hosts) for logs.sh (default 1)
 #
@@ -22,6 +23,7 @@ ILM_ACCELERATOR=${ILM_ACCELERATOR:-v5litepod-8}
 ILM_RUNTIME=${ILM_RUNTIME:-v2-alpha-tpuv5-lite}
 ILM_REF=${ILM_REF:-main}
 ILM_JAX_VERSION=${ILM_JAX_VERSION:-0.10.2}
+ILM_PYTHON=${ILM_PYTHON:-python3.11}
 ILM_SPOT=${ILM_SPOT:-0}
 ILM_WORKERS=${ILM_WORKERS:-1}
 # Where the project lives and job logs go on each worker, relative to the login dir.

@@ -10,7 +10,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 parse_common_args "$@"
 ((${#ARGS[@]} == 0)) || die "unexpected argument(s): ${ARGS[*]}; usage: setup.sh [--dry-run]"
 require ILM_PROJECT ILM_ZONE ILM_TPU_NAME ILM_REPO
-ILM_PYTHON=${ILM_PYTHON:-python3.11}
 
 pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 steps=(
