@@ -221,7 +221,9 @@ class KVCache:
   Attributes:
     k, v: per layer [B, S, kv_heads, head_dim] (S = maximum length).
     valid: bool[B, S] slots that hold a real token.
-    index: int32[] next free slot (shared by the batch).
+    index: int32[] next free slot (shared by the batch). Callers size the cache: writing
+      past ``max_len`` inside jit cannot raise (XLA clamps the write), so ``generation``
+      allocates prompt length + new tokens.
   """
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
@@ -446,6 +448,8 @@ class Llm(nnx.Module):
     else:
       if segment_ids is not None:
         raise ValueError("segment_ids is not supported with a KV cache")
+      if t > cache.max_len:
+        raise ValueError(f"{t} tokens do not fit a KV cache of {cache.max_len} slots")
       index = cache.index
       if positions is None:
         already = jnp.sum(cache.valid, axis=-1, keepdims=True).astype(jnp.int32)
