@@ -130,7 +130,7 @@ def max_batch(hbm: float, fixed: float, per_item: float) -> int:
 
 
 def rows(t: int, answer: int, beams: int, target: int) -> dict:
-  slots = 21  # 20 history items + the user
+  slots = 22  # configs/phase2.py max_slots: 20 history items, the user, one spare
   out = {"models": [], "train": [], "eval": []}
   for m in MODELS:
     out["models"].append({
@@ -197,7 +197,8 @@ def measure(batch: int = 4, t: int = 256) -> None:
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--seq", type=int, default=256, help="Phase 2 tokens per sequence (prompt)")
+  p.add_argument("--seq", type=int, default=320,
+                 help="Phase 2 tokens per sequence (configs/phase2.py prompts.max_len)")
   p.add_argument("--answer", type=int, default=8, help="answer tokens per sequence")
   p.add_argument("--beams", type=int, default=10)
   p.add_argument("--out", default="")
