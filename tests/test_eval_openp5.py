@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _eval_stub import StubILM, tiny_llm
+from _eval_stub import StubILM, smollm2_tokenizer, tiny_llm
 
-from ilm_jax import config_lib, llm_tokenizer, resources
+from ilm_jax import config_lib, resources
 from ilm_jax.data import phase2, sources, types
 from ilm_jax.evals import openp5, ranking, results
 
@@ -18,10 +18,9 @@ K = 2
 @pytest.fixture(scope="module")
 def tok():
   try:
-    path = resources.smollm2_gguf()
+    return smollm2_tokenizer()
   except resources.MissingResourceError as e:
     pytest.skip(str(e))
-  return llm_tokenizer.LlmTokenizer.from_gguf(path)
 
 
 @pytest.fixture(scope="module")

@@ -30,10 +30,12 @@ KEY_FIELDS = ("dataset", "split", "task", "template", "method")
 METRIC_FIELDS = ("hr@5", "ndcg@5", "hr@10", "ndcg@10")
 REQUIRED = KEY_FIELDS + ("users",) + METRIC_FIELDS
 SPLITS = ("valid", "test")
-TASKS = ("sequential", "straightforward", "phase1")
+TASKS = ("sequential", "straightforward", "phase1", "language", "preservation")
 # Phase 1 records (item encoder retrieval metrics, ``jobs/phase1``) carry recall@K etc.
-# instead of HR/NDCG; for them the ranking metrics are optional.
-METRIC_FREE_TASKS = ("phase1",)
+# instead of HR/NDCG, and the eval job's ``language`` (semantic consistency, reference
+# log-likelihood) and ``preservation`` (text-only logits == base LLM's) records carry their
+# own fields; for them the ranking metrics are optional.
+METRIC_FREE_TASKS = ("phase1", "language", "preservation")
 TEMPLATES = ("seen", "unseen")
 METHODS = ("mf", "text-only", "mlp", "ilm-rand", "ilm-it", "ilm-it-ii", "ilm-it-ui")
 _SUFFIX = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
