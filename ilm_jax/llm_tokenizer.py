@@ -21,6 +21,9 @@ from tokenizers import decoders, models, pre_tokenizers
 
 # GGUF token types (llama.cpp): 1 normal, 2 unknown, 3 control, 4 user defined, 6 byte.
 _CONTROL, _USER_DEFINED = 3, 4
+# Only GGUFs at least this big get a cached tokenizer: small files parse quickly anyway,
+# and this keeps throw-away test files out of the cache.
+_CACHE_MIN_BYTES = 16 << 20
 # Ends of a turn across common chat formats; only those present in the vocab are used.
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end|>", "</s>")
 
@@ -94,11 +97,44 @@ class LlmTokenizer:
 
   @classmethod
   def _from_gguf(cls, path_or_reader) -> LlmTokenizer:
+    """A path is cached as JSON beside the converted weights (parsing a GGUF takes seconds)."""
     from ilm_jax.models import llm_loading  # noqa: PLC0415
 
-    reader = path_or_reader
-    if isinstance(path_or_reader, (str, os.PathLike)):
-      reader = llm_loading.gguf_reader(path_or_reader)
+    if not isinstance(path_or_reader, (str, os.PathLike)):
+      return cls._from_gguf_reader(path_or_reader)
+    path = pathlib.Path(path_or_reader)
+    cache = None
+    if path.exists() and path.stat().st_size >= _CACHE_MIN_BYTES:
+      cache = llm_loading.cache_path(path, "tokenizer", ".json")
+    if cache is not None and cache.exists():
+      try:
+        return cls._from_json(cache.read_text(encoding="utf-8"))
+      except Exception:  # noqa: BLE001  (a damaged cache is rebuilt, never trusted)
+        cache.unlink(missing_ok=True)
+    tok = cls._from_gguf_reader(llm_loading.gguf_reader(path))
+    if cache is not None:
+      try:
+        llm_loading.atomic_write_text(cache, tok._to_json())
+      except OSError:
+        pass  # a read-only cache dir only costs start-up time
+    return tok
+
+  def _to_json(self) -> str:
+    return json.dumps({"tokenizer": self.tokenizer.to_str(), "chat_template": self.chat_template,
+                       "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id,
+                       "special_tokens": self.special_tokens})
+
+  @classmethod
+  def _from_json(cls, text: str) -> LlmTokenizer:
+    d = json.loads(text)
+    return cls(tokenizers.Tokenizer.from_str(d["tokenizer"]), chat_template=d["chat_template"],
+               bos_id=d["bos_id"], eos_id=d["eos_id"], pad_id=d["pad_id"],
+               special_tokens=d["special_tokens"])
+
+  @classmethod
+  def _from_gguf_reader(cls, reader) -> LlmTokenizer:
+    from ilm_jax.models import llm_loading  # noqa: PLC0415
+
     get = lambda k, d=None: llm_loading._field(reader, k, d)  # noqa: E731
     kind = get("tokenizer.ggml.model")
     if kind != "gpt2":

@@ -288,6 +288,7 @@ def _expected_gguf_weights(sd, emb_type):
 @pytest.mark.parametrize("emb_type", ["Q8_0", "Q4_1"])
 def test_gguf_roundtrip_and_cache(tmp_path, monkeypatch, emb_type):
   monkeypatch.setenv("ILM_CACHE_DIR", str(tmp_path / "cache"))
+  monkeypatch.setattr(llm_tokenizer, "_CACHE_MIN_BYTES", 0)
   cfg = _hf_config(tie=False, bias=False)
   cfg["rope_scaling"], cfg["vocab_size"] = None, 264  # 256 bytes + specials + merges
   sd = _hf_tensors(cfg)
@@ -314,6 +315,12 @@ def test_gguf_roundtrip_and_cache(tmp_path, monkeypatch, emb_type):
                                            tok.tokenizer.token_to_id("he")]
   assert tok.encode_chat([{"role": "user", "content": "t"}], False)[0] == 1
   assert tok.decode(tok.encode(" the cat")) == " the cat"
+  # The tokenizer was cached as JSON; the cached copy behaves the same.
+  assert len(list((tmp_path / "cache").glob("*.tokenizer.*.json"))) == 1
+  again = llm_tokenizer.LlmTokenizer.from_gguf(path)
+  text = "<|im_start|>the t<|im_end|>"
+  assert again.encode(text) == tok.encode(text) and again.stop_ids == tok.stop_ids
+  assert again.chat_template == tok.chat_template
 
 
 def test_gguf_errors(tmp_path, monkeypatch):

@@ -370,11 +370,38 @@ def gguf_state_dict(reader, config: llm.LlmConfig, source: str = "gguf") -> dict
   return out
 
 
-def _cache_path(src: pathlib.Path, tag: str) -> pathlib.Path:
+# Files up to this size are keyed by a content hash too (~0.25 s per 100 MB): a rewrite
+# within the filesystem's timestamp granularity keeps size and mtime.
+_HASH_LIMIT = 1 << 30
+
+
+def cache_path(src: pathlib.Path, tag: str, suffix: str = ".safetensors") -> pathlib.Path:
+  """Cache file for something derived from ``src``.
+
+  Keyed by the resolved path, size, mtime and (for files up to 1 GiB) a sha256 of the
+  content, plus the converter version.
+  """
   st = src.stat()
-  key = f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}|{_CACHE_VERSION}"
+  content = ""
+  if st.st_size <= _HASH_LIMIT:
+    with open(src, "rb") as f:
+      content = hashlib.file_digest(f, "sha256").hexdigest()
+  key = f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}|{content}|{_CACHE_VERSION}"
   digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-  return resources.cache_dir() / f"{src.stem}.{tag}.{digest}.safetensors"
+  return resources.cache_dir() / f"{src.stem}.{tag}.{digest}{suffix}"
+
+
+def atomic_write_text(path: pathlib.Path, text: str) -> None:
+  """Writes a text file via a temporary file + rename (readers never see a partial file)."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def _atomic_save(tensors: dict[str, np.ndarray], path: pathlib.Path, meta: dict[str, str]) -> None:
@@ -413,7 +440,7 @@ def load_gguf_state_dict(path: str | os.PathLike, use_cache: bool = True,
   path = pathlib.Path(path)
   if not path.exists():
     raise LoadError(f"GGUF file {path} does not exist")
-  cache = _cache_path(path, "f32")
+  cache = cache_path(path, "f32")
   if use_cache and cache.exists():
     try:
       with safe_open(str(cache), framework="numpy") as f:
