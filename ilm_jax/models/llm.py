@@ -17,6 +17,9 @@ Forward contract (Phase 2 and generation build on it)::
   packed sequences (pass positions that restart per segment).
 * With a ``KVCache`` the T new tokens are written at slots ``[cache.index,
   cache.index + T)``; a query at slot i sees the valid cached keys at slots <= i.
+* ``compute_logits=False`` skips the [B, T, V] float32 logits (1.6 GB for B=32, T=256
+  with SmolLM2's 49152 tokens); take ``model.logits(hidden[answer positions])`` instead.
+  ``LlmConfig.remat`` recomputes blocks in the backward pass (soft-token gradients).
 
 Linear kernels are stored ``[in, out]`` (split per head for attention) and carry
 logical axis names for FSDP: 'vocab', 'embed', 'heads' (query and kv heads), 'kv'
