@@ -86,11 +86,12 @@ class RetrievalHead(nnx.Module):
                temp_init: float = 0.07):
     self.query_proj = layers.dense(llm_dim, dim, ("embed", None), rngs=rngs)
     self.item_proj = layers.dense(llm_dim, dim, ("embed", None), rngs=rngs)
-    self.item_table = None
     if num_items is not None:
       self.item_table = partition.logical_param(
           layers.normal_init(0.02)(rngs.params(), (num_items, llm_dim), jnp.float32),
           (None, "embed"))
+    else:
+      self.item_table = None
     self.temp = nnx.Param(jnp.asarray(temp_init, jnp.float32))
 
   def temperature(self) -> jax.Array:
