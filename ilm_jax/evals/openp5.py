@@ -82,7 +82,8 @@ class Prompts:
 
 
 def build_prompts(ds: RecDataset, split: Split, which: str, task: str, template: str,
-                  encoder: phase2.PromptEncoder, users: Sequence[int] | None = None) -> Prompts:
+                  encoder: phase2.PromptEncoder, users: Sequence[int] | None = None,
+                  max_history: int = phase2.MAX_HISTORY) -> Prompts:
   """Renders and encodes one eval prompt per user (``phase2.eval_samples``).
 
   Args:
@@ -92,12 +93,15 @@ def build_prompts(ds: RecDataset, split: Split, which: str, task: str, template:
     template: 'seen' or 'unseen'.
     encoder: the PromptEncoder the model was trained with (K, user slots, T).
     users: dense user indices (default: all).
+    max_history: the most recent history items shown (OpenP5: 20; truncated further
+      when the prompt does not fit the encoder's T / S).
 
   Returns:
     Prompts.
   """
   users = np.arange(ds.num_users) if users is None else np.asarray(users, np.int64)
   samples = phase2.eval_samples(ds, split, which, task, template, users=users.tolist(),
+                                max_history=max_history,
                                 user_soft_tokens=encoder.user_soft_tokens)
   arrays = phase2.encode_prompts(samples, encoder)
   t = int(arrays["prompt_len"].max()) if len(samples) else 1
@@ -154,13 +158,21 @@ def _prompt_embeds(graphdef, state, input_ids, slot_ids, slot_kind, slot_pos):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _retrieval(graphdef, state, input_ids, attn_mask, slot_ids, slot_kind, slot_pos):
+def _retrieval(graphdef, state, input_ids, attn_mask, slot_ids, slot_kind, slot_pos, keys):
   model = nnx.merge(graphdef, state)
   embeds = model.prompt_embeds(input_ids, slot_ids, slot_kind, slot_pos)
   _, hidden, _ = model.llm(embeds, mask=attn_mask, compute_logits=False)
   t = attn_mask.shape[1]
   last = jnp.max(jnp.where(attn_mask, jnp.arange(t), -1), axis=1)
-  return model.retrieval_scores(hidden[jnp.arange(hidden.shape[0]), last])
+  h_last = hidden[jnp.arange(hidden.shape[0]), last]
+  if keys is None:
+    return model.retrieval_scores(h_last)
+  return model.retrieval_scores(h_last, keys)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _item_keys(graphdef, state):
+  return nnx.merge(graphdef, state).retrieval_item_keys()
 
 
 def _inputs(arrays: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, jax.Array]:
@@ -235,6 +247,8 @@ def rank_retrieval(model: nnx.Module, prompts: Prompts, num_items: int, *,
   """
   n = len(prompts.users)
   graphdef, state = nnx.split(model)
+  # The item side does not depend on the prompt: encode every item once, not per batch.
+  keys = _item_keys(graphdef, state) if hasattr(model, "retrieval_item_keys") else None
   row_of = {int(u): i for i, u in enumerate(prompts.users)}
   # rank_users works in user ids; map them back to prompt rows (padding uses user 0,
   # which may not be in the subsample: any row then does, its output is dropped).
@@ -247,7 +261,7 @@ def rank_retrieval(model: nnx.Module, prompts: Prompts, num_items: int, *,
     rows = np.array([row_of.get(int(u), 0) for u in np.asarray(user_ids)])
     x = _inputs(prompts.arrays, rows)
     scores = _retrieval(graphdef, state, x["input_ids"], x["attn_mask"], x["slot_ids"],
-                        x["slot_kind"], x["slot_pos"])
+                        x["slot_kind"], x["slot_pos"], keys)
     if progress is not None:
       progress.update(min(len(rows), n - progress.done))
     return scores
@@ -264,7 +278,7 @@ def evaluate(model: nnx.Module, ds: RecDataset, split: Split, encoder: phase2.Pr
              template: str = "seen", scorer: str = "generation",
              users: Sequence[int] | None = None, batch_size: int = 16,
              beam_size: int = BEAM_SIZE, trie: generation.ItemTrie | None = None,
-             prompts: Prompts | None = None,
+             prompts: Prompts | None = None, max_history: int = phase2.MAX_HISTORY,
              log: Callable[[str], None] | None = None) -> dict[str, Any]:
   """One results record (SPEC §8): HR/NDCG@5/10 ± std errors of ``method`` with ``scorer``.
 
@@ -281,6 +295,7 @@ def evaluate(model: nnx.Module, ds: RecDataset, split: Split, encoder: phase2.Pr
     beam_size: beams (generation).
     trie: prebuilt ``item_trie`` (built here if None).
     prompts: prebuilt ``build_prompts`` output for these arguments (built if None).
+    max_history: history items shown (``build_prompts``).
     log: progress printer (default print).
 
   Returns:
@@ -290,7 +305,7 @@ def evaluate(model: nnx.Module, ds: RecDataset, split: Split, encoder: phase2.Pr
   if scorer not in SCORERS:
     raise ValueError(f"scorer={scorer!r}; valid: {', '.join(SCORERS)}")
   if prompts is None:
-    prompts = build_prompts(ds, split, which, task, template, encoder, users)
+    prompts = build_prompts(ds, split, which, task, template, encoder, users, max_history)
   n = len(prompts.users)
   label = f"eval {ds.name} {which} {task}/{template} {method} {scorer}"
   progress = Progress(n, label, out=log)
