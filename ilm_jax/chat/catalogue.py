@@ -98,12 +98,15 @@ class Catalogue:
 
   def __init__(self, titles: Sequence[str], texts: Sequence[str] | None = None,
                tokens: Sequence[str] | None = None,
-               attrs: dict[str, list[list[str]]] | None = None):
+               attrs: dict[str, list[list[str]]] | Sequence[Sequence[str]] | None = None):
     n = len(titles)
     self.titles = [str(t) for t in titles]
     self.texts = [str(t) for t in texts] if texts is not None else [""] * n
     self.tokens = [str(t) for t in tokens] if tokens is not None else [str(i) for i in range(n)]
     self.attrs = [[] for _ in range(n)]
+    if attrs is not None and not isinstance(attrs, dict):  # per-item lists
+      self.attrs = [list(a) for a in attrs]
+      attrs = None
     for values in (attrs or {}).values():
       for i, v in enumerate(values[:n]):
         self.attrs[i].extend(v)

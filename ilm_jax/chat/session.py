@@ -163,9 +163,17 @@ class ChatSession:
       self.history += [i for i in mentioned if i not in self.history]
 
     tool_items: list[int] = []
+    facts: dict[int, str] = {}
+
+    def run(call, by):
+      res = self._call(call, record, by)
+      tool_items.extend(res.items)
+      if res.call.name == "item_details" and res.items and res.text:
+        facts[res.items[0]] = res.text
+
     if self.c.intents:
       for call in self._intents(text, mentioned):
-        tool_items += self._call(call, record, "intent").items
+        run(call, "intent")
     reply = ""
     for _ in range(self.c.max_tool_rounds + 1):
       out = self.served.generate(self._prompt(), max_new_tokens=self.c.max_new_tokens,
@@ -176,15 +184,18 @@ class ChatSession:
         reply = out
         break
       for call in calls[:3]:
-        tool_items += self._call(call, record, "model").items
+        run(call, "model")
     else:
       reply = tools_lib.strip_tool_calls(out)
     reply = tools_lib.strip_tool_calls(reply)
     named = self.catalogue.find_mentions(reply, min_words=1)
     missing = [i for i in dict.fromkeys(tool_items) if i not in named]
-    if missing:
-      reply = (reply + "\n" if reply else "") + "From the catalogue: " + "; ".join(
-          self.catalogue.display(i) for i in missing)
+    lines = [f"{self.catalogue.display(i)}: {facts[i]}" for i in facts if facts[i] not in reply]
+    if missing and len(missing) > len(facts):
+      lines.append("From the catalogue: " + "; ".join(
+          self.catalogue.display(i) for i in missing))
+    if lines:
+      reply = "\n".join(([reply] if reply else []) + lines)
       record["grounded"] = True
     self.messages.append(("assistant", (reply,)))
     items = list(dict.fromkeys(named + missing))
