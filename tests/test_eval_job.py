@@ -1,0 +1,108 @@
+"""The eval job end to end on a saved (untrained) tiny Phase 2 model: records, names,
+subsample, preservation failure, missing models."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from ilm_jax import resources
+from ilm_jax.cf import mf
+from ilm_jax.data import sources
+from ilm_jax.evals import language, results
+from ilm_jax.jobs import evaluate, prepare
+from ilm_jax.models import adaptors
+from ilm_jax.models import ilm as ilm_lib
+
+
+def _get_config(arg):
+  spec = importlib.util.spec_from_file_location("eval_config", resources.REPO_ROOT / "configs/eval.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_config_args():
+  c = _get_config("ml1m,sequential,unseen,retrieval,ilm-it-ii,nolanguage")
+  assert (c.data.name, c.tasks, c.templates, c.scorers, c.methods) == (
+      "ml1m", "sequential", "unseen", "retrieval", "ilm-it-ii")
+  assert c.language.count == 0 and c.max_users == 0 and c.prompts.max_history == 20
+  c = _get_config("tiny")
+  assert c.tasks == "sequential,straightforward" and c.scorers == "generation,retrieval"
+  assert c.max_users == 16 and c.methods == ""
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A workdir with a prepared tiny catalogue and one saved MLP Phase 2 model."""
+  try:
+    resources.smollm2_gguf()
+  except resources.MissingResourceError as e:
+    pytest.skip(str(e))
+  wd = tmp_path_factory.mktemp("evalrun")
+  c = _get_config("tiny")
+  ds = sources.ensure_tokens(prepare.prepared_dataset(c.data, wd, prepare.data_dir(c, wd)))
+  rng = np.random.default_rng(0)
+  items = rng.normal(size=(ds.num_items, 8)).astype(np.float32)
+  users = rng.normal(size=(ds.num_users, 8)).astype(np.float32)
+  cf = mf.save_embeddings(wd / "cf" / "embeddings.npz", users, items, ds.user_ids,
+                          ds.item_ids, {"dataset": ds.name})
+  llm_cfg = dict(source="", tiny=True, dtype="float32", seed=0)
+  base, _ = ilm_lib.load_llm(ml_collections.ConfigDict(llm_cfg))
+  enc = adaptors.MlpAdaptor(8, 16, 2, base.config.dim, rngs=nnx.Rngs(2))
+  model = ilm_lib.ILM(base, enc, items, users, retrieval_dim=16, rngs=nnx.Rngs(0))
+  meta = dict(variant="mlp", seed=0, retrieval_dim=16, llm=llm_cfg, frozen=["^llm/"],
+              mlp_hidden=16, mlp_tokens=2, method="mlp", cf_path=str(cf))
+  out = ilm_lib.save_trained(ilm_lib.output_dir(wd, "mlp"), model, meta, ("^llm/",))
+  (out / "summary.json").write_text(json.dumps({"steps": 7, "train_s": 1.5}))
+  return wd
+
+
+def test_eval_job_writes_records(workdir):
+  c = _get_config("tiny,sequential")
+  with c.unlocked():
+    c.max_users = 5
+    c.batch_size = 4
+    c.language.count = 1
+    c.language.tasks = "attributes"
+    c.language.max_new_tokens = 4
+  written = evaluate.run(c, str(workdir))
+  recs = results.read_results(workdir)
+  by = {(r["task"], r["template"], r["method"]): r for r in recs}
+  for template in ("seen", "unseen"):
+    for method in ("mlp", "mlp+retrieval"):
+      r = by[("sequential", template, method)]
+      assert r["users"] == 5 and r["subsample"] and r["split"] == "test"
+      assert r["steps"] == 7 and r["train_s"] == 1.5 and "command" in r
+      assert 0 <= r["hr@5"] <= r["hr@10"] <= 1 and "hr@5_se" in r
+  assert by[("preservation", "seen", "mlp")]["equal"] is True
+  lang = by[("language", "seen", "mlp")]
+  assert lang["users"] == 1 and lang["loglik_per_token"] < 0
+  rows = (workdir / "eval" / "mlp" / "language_samples.jsonl").read_text().splitlines()
+  assert len(rows) == 1 and json.loads(rows[0])["task"] == "attributes"
+  assert {r["method"] for r in written} == {"mlp", "mlp+retrieval"}
+  assert not any(r["task"] == "straightforward" for r in recs)
+
+
+def test_preservation_failure_fails_the_job(workdir, monkeypatch):
+  monkeypatch.setattr(language, "preservation", lambda model, tok: {
+      "prompts": 1, "tokens": 3, "max_abs_diff": 0.5, "equal": False})
+  c = _get_config("tiny,nolanguage")
+  with c.unlocked():
+    c.scorers = ""
+  with pytest.raises(evaluate.PreservationError, match="mlp"):
+    evaluate.run(c, str(workdir))
+  rec = [r for r in results.read_results(workdir) if r["task"] == "preservation"]
+  assert rec and rec[0]["equal"] is False
+
+
+def test_missing_models(workdir, tmp_path):
+  c = _get_config("tiny,ilm-it-ii")
+  with pytest.raises(FileNotFoundError, match=r"ilm-it-ii.*found: \['mlp'\]"):
+    evaluate.run(c, str(workdir))
+  assert evaluate.trained_models(tmp_path, []) == {}
