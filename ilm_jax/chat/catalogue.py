@@ -2,7 +2,7 @@
 
 ``Catalogue.resolve(text)`` maps what a person typed ("the matrix", "Matrix, The (1999)",
 "silent harbour") to catalogue items: titles are normalised (case, punctuation, a leading
-or trailing article, a trailing year), an exact normalised match wins, else a fuzzy
+or trailing article, a trailing year or decade), an exact normalised match wins, else a fuzzy
 token-set / sequence ratio picks candidates; several close candidates are an ambiguity the
 conversation asks back ("Did you mean: A (1995) or B (2003)?").
 
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-_YEAR = re.compile(r"\s*\((1[89]\d\d|20\d\d)\)\s*$")
+_YEAR = re.compile(r"\s*\((1[89]\d\d|20\d\d)s?\)\s*$")  # (1995) or a decade (1980s)
 _TRAILING_ARTICLE = re.compile(r",\s*(the|a|an|la|le|les|el|il|der|die|das)$")
 _LEADING_ARTICLE = re.compile(r"^(the|a|an)\s+")
 _NON_WORD = re.compile(r"[^\w\s]+")
