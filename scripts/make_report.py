@@ -1,0 +1,408 @@
+r"""Regenerates docs/RESULTS.md, docs/results/*.json and the PNG plots from run folders.
+
+  .venv/bin/python scripts/make_report.py --runs DIR [DIR ...] [--out-dir docs]
+
+Each DIR is a workdir of the jobs (``DIR/results.json``, ``DIR/**/metrics.jsonl``,
+``DIR/phase2/<method>/summary.json``). Writes:
+
+  OUT/RESULTS.md                 tables for ML1M, Beauty, Clothing (then any other dataset
+                                 found): MF, text-only, MLP, ILM-rand, ILM-IT, ILM-IT-II,
+                                 ILM-IT-UI (+ retrieval head) per task x template, ± std
+                                 errors, the published numbers of SPEC §7 beside them,
+                                 users, steps, wall time, the commands that made them;
+                                 language and preservation tables; the ML1M ordering check
+  OUT/results/<dataset>.json     the records reported (SPEC §8), one file per dataset
+  OUT/results/results_<dataset>.png   HR@5 / NDCG@10 bars with ±1 std error
+  OUT/results/training_<run>.png      training curves (loss vs step) per run folder
+
+A method without a record is reported as missing; nothing is filled in. When several
+runs hold the same (dataset, split, task, template, method), the one with more users wins
+(then the later ``--runs`` entry). Only the test split is tabulated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import pathlib
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ilm_jax.evals import results  # noqa: E402
+
+MAIN_DATASETS = ("ml1m", "beauty", "clothing")
+DATASET_NAMES = {"ml1m": "ML1M", "beauty": "Beauty", "clothing": "Clothing",
+                 "generated": "Generated catalogue"}
+METHOD_NAMES = {"mf": "MF", "text-only": "text-only", "mlp": "MLP", "ilm-rand": "ILM-rand",
+                "ilm-it": "ILM-IT", "ilm-it-ii": "ILM-IT-II", "ilm-it-ui": "ILM-IT-UI"}
+TASKS = ("sequential", "straightforward")
+TEMPLATES = ("seen", "unseen")
+METRICS = results.METRIC_FIELDS
+# SPEC §7: full ranking, leave-one-out; (label, HR@5, NDCG@5, HR@10, NDCG@10), None = not
+# given. The SPEC does not say which template; they are shown beside the seen one.
+PUBLISHED = {
+    ("ml1m", "sequential"): [
+        ("OpenP5 random ids (T5-small)", .1098, .0734, .1575, .0888),
+        ("OpenP5 collaborative ids", .2066, .1400, .2945, .1683),
+        ("SASRec (as printed by OpenP5)", .1078, .0681, .1810, .0918)],
+    ("beauty", "sequential"): [("OpenP5 best", .0457, .0336, None, None)],
+    ("clothing", "sequential"): [("OpenP5 best", .0082, None, None, None)],
+    ("ml1m", "straightforward"): [("OpenP5 best", .0347, None, None, None),
+                                  ("BPR-MF (OpenP5)", .0141, None, None, None)],
+}
+
+
+# ============================================================================ reading
+
+
+def load_runs(runs: Sequence[str | pathlib.Path]) -> list[dict[str, Any]]:
+  """All records of every run, each tagged with ``_run`` (the folder) and its position."""
+  out = []
+  for i, run in enumerate(runs):
+    run = pathlib.Path(run)
+    if not run.is_dir():
+      raise SystemExit(f"make_report: --runs {run}: no such folder")
+    for r in results.read_results(run):
+      out.append({**r, "_run": str(run), "_order": i})
+  return out
+
+
+def best_records(records: Iterable[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+  """One record per key (more users wins, then the later run)."""
+  best: dict[tuple, dict[str, Any]] = {}
+  for r in records:
+    key = tuple(r[k] for k in results.KEY_FIELDS)
+    old = best.get(key)
+    if old is None or (r["users"], r["_order"]) >= (old["users"], old["_order"]):
+      best[key] = r
+  return best
+
+
+def training_curves(run: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
+  """{relative folder: [(step, loss)]} from every metrics.jsonl under ``run``."""
+  curves = {}
+  for path in sorted(run.rglob("metrics.jsonl")):
+    pts = []
+    for line in path.read_text().splitlines():
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if "loss" in row and "step" in row and isinstance(row["loss"], int | float):
+        pts.append((int(row["step"]), float(row["loss"])))
+    if pts:
+      rel = path.parent.relative_to(run).as_posix()
+      curves["phase1" if rel == "." else rel] = pts
+  return curves
+
+
+# ============================================================================ tables
+
+
+def _fmt(r: dict[str, Any] | None, k: str) -> str:
+  if r is None or k not in r:
+    return ""
+  se = r.get(k + "_se")
+  return f"{r[k]:.4f}" + (f" ± {se:.4f}" if se is not None else "")
+
+
+def _num(v: Any, fmt: str = "{:.0f}") -> str:
+  if v is None or (isinstance(v, float) and math.isnan(v)):
+    return ""
+  return fmt.format(v) if isinstance(v, int | float) else str(v)
+
+
+def _run_label(r: dict[str, Any], runs: list[str]) -> str:
+  return f"R{runs.index(r['_run']) + 1}"
+
+
+def ranking_table(best: dict, dataset: str, task: str, template: str,
+                  runs: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
+  """Markdown lines of one table, and the records it shows."""
+  lines = ["| method | scorer | HR@5 | NDCG@5 | HR@10 | NDCG@10 | users | steps | "
+           "eval wall s | run |", "|---|---|---|---|---|---|---|---|---|---|"]
+  shown = []
+  for m in results.METHODS:
+    name = METHOD_NAMES[m]
+    if m == "mf":
+      if task != "straightforward":
+        lines.append(f"| {name} | — | n/a: MF has no prompt (see straightforward) "
+                     "| | | | | | | |")
+        continue
+      if template == "unseen":
+        r = best.get((dataset, "test", task, "seen", m))
+        if r is not None:
+          lines.append(f"| {name} | dot product | same as seen (no template) | | | | "
+                       f"{r['users']} | | | {_run_label(r, runs)} |")
+          continue
+    variants = [(m, "beam search (10)"), (m + "+retrieval", "retrieval head")]
+    if m == "mf":
+      variants = [(m, "dot product")]
+    found = False
+    for method, scorer in variants:
+      r = best.get((dataset, "test", task, template, method))
+      if r is None:
+        continue
+      found = True
+      shown.append(r)
+      steps = r.get("steps", r.get("iters"))
+      wall = r.get("wall_s")
+      lines.append(f"| {name} | {scorer} | " + " | ".join(_fmt(r, k) for k in METRICS)
+                   + f" | {r['users']}{' (sample)' if r.get('subsample') else ''} | "
+                   f"{_num(steps)} | {_num(wall, '{:.1f}')} | {_run_label(r, runs)} |")
+    if not found:
+      lines.append(f"| {name} | — | **missing** (not run) | | | | | | | |")
+  if template == "seen":
+    for label, *vals in PUBLISHED.get((dataset, task), []):
+      cells = ["" if v is None else f"{v:.4f}" for v in vals]
+      lines.append(f"| *published: {label}* | | " + " | ".join(cells) + " | | | | SPEC §7 |")
+  return lines, shown
+
+
+def ordering_check(best: dict, dataset: str = "ml1m", task: str = "sequential",
+                   template: str = "seen", metric: str = "hr@5") -> str:
+  """The paper's ordering ILM > ILM-rand > MLP on ``metric``, with ±1 std error."""
+  def get(m):
+    return best.get((dataset, "test", task, template, m))
+  ilm = [r for r in (get(m) for m in ("ilm-it", "ilm-it-ii", "ilm-it-ui")) if r is not None]
+  rand, mlp = get("ilm-rand"), get("mlp")
+  if not ilm or rand is None or mlp is None:
+    have = [m for m in ("ilm-it", "ilm-it-ii", "ilm-it-ui", "ilm-rand", "mlp") if get(m)]
+    return (f"Ordering ILM > ILM-rand > MLP ({DATASET_NAMES.get(dataset, dataset)} {task}, "
+            f"{template}, {metric.upper()}): **not evaluated** -- records present for "
+            f"{', '.join(have) or 'none'} of ILM-IT*, ILM-rand, MLP.")
+  top = max(ilm, key=lambda r: r[metric])
+  se = lambda r: r.get(metric + "_se", 0.0)  # noqa: E731
+  clear = lambda a, b: a[metric] - se(a) > b[metric] + se(b)  # noqa: E731
+  val = lambda r: f"{METHOD_NAMES[r['method']]} {r[metric]:.4f} ± {se(r):.4f}"  # noqa: E731
+  ordered = top[metric] > rand[metric] > mlp[metric]
+  separated = clear(top, rand) and clear(rand, mlp)
+  verdict = ("holds, with non-overlapping ±1 std error intervals" if separated else
+             "holds on the means, but the ±1 std error intervals overlap" if ordered else
+             "does **not** hold")
+  return (f"Ordering ILM > ILM-rand > MLP ({DATASET_NAMES.get(dataset, dataset)} {task}, "
+          f"{template} template, {metric.upper()}, beam search): {verdict}: {val(top)}; "
+          f"{val(rand)}; {val(mlp)}.")
+
+
+def language_table(best: dict, datasets: Sequence[str]) -> tuple[list[str], list[dict]]:
+  lines = ["| dataset | method | semantic consistency | log-likelihood / token | examples "
+           "| run |", "|---|---|---|---|---|---|"]
+  shown = []
+  for r in best.values():
+    if r["task"] == "language" and r["dataset"] in datasets:
+      shown.append(r)
+  shown.sort(key=lambda r: (datasets.index(r["dataset"]), _method_order(r["method"])))
+  for r in shown:
+    lines.append(f"| {r['dataset']} | {METHOD_NAMES.get(r['method'], r['method'])} | "
+                 f"{r['semantic_consistency']:.3f} ± {r.get('semantic_consistency_se', 0):.3f}"
+                 f" | {r['loglik_per_token']:.3f} ± {r.get('loglik_per_token_se', 0):.3f} | "
+                 f"{r['users']} | {r['_run_label']} |")
+  return lines, shown
+
+
+def preservation_table(best: dict, datasets: Sequence[str]) -> tuple[list[str], list[dict]]:
+  lines = ["| dataset | method | text-only logits == base LLM | max abs diff | tokens | run |",
+           "|---|---|---|---|---|---|"]
+  shown = sorted((r for r in best.values() if r["task"] == "preservation"
+                  and r["dataset"] in datasets),
+                 key=lambda r: (datasets.index(r["dataset"]), _method_order(r["method"])))
+  for r in shown:
+    lines.append(f"| {r['dataset']} | {METHOD_NAMES.get(r['method'], r['method'])} | "
+                 f"{'yes (bit-identical)' if r.get('equal') else '**NO**'} | "
+                 f"{r.get('max_abs_diff', '')} | {r.get('tokens', '')} | {r['_run_label']} |")
+  return lines, shown
+
+
+def _method_order(method: str) -> int:
+  base = method.split("+")[0]
+  return results.METHODS.index(base) * 2 + ("+" in method) if base in results.METHODS else 99
+
+
+# ============================================================================ plots
+
+
+def _plt():
+  try:
+    import matplotlib  # noqa: PLC0415
+  except ImportError as e:
+    raise SystemExit("make_report: matplotlib is needed for the plots; install the test "
+                     "extras: .venv/bin/pip install -e '.[test]'") from e
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  return plt
+
+
+def plot_results(records: list[dict], dataset: str, path: pathlib.Path) -> bool:
+  """HR@5 and NDCG@10 bars (±1 std error) of one dataset's OpenP5 records."""
+  rows = [r for r in records if r["task"] in TASKS]
+  if not rows:
+    return False
+  plt = _plt()
+  groups = [(t, tm) for t in TASKS for tm in TEMPLATES
+            if any(r["task"] == t and r["template"] == tm for r in rows)]
+  methods = sorted({r["method"] for r in rows}, key=_method_order)
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), squeeze=False)
+  width = 0.8 / max(1, len(methods))
+  for ax, metric in zip(axes[0], ("hr@5", "ndcg@10"), strict=True):
+    for j, m in enumerate(methods):
+      xs, ys, es = [], [], []
+      for g, (t, tm) in enumerate(groups):
+        r = next((r for r in rows if (r["task"], r["template"], r["method"]) == (t, tm, m)),
+                 None)
+        if r is not None:
+          xs.append(g + (j - (len(methods) - 1) / 2) * width)
+          ys.append(r[metric])
+          es.append(r.get(metric + "_se", 0.0))
+      ax.bar(xs, ys, width, yerr=es, capsize=2, label=METHOD_NAMES.get(m.split("+")[0], m)
+             + (" +retrieval" if "+" in m else ""))
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([f"{t}\n{tm}" for t, tm in groups])
+    ax.set_ylabel(metric.upper())
+    ax.set_title(f"{DATASET_NAMES.get(dataset, dataset)}: {metric.upper()} (test, ±1 s.e.)")
+  axes[0][1].legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return True
+
+
+def plot_curves(curves: dict[str, list[tuple[int, float]]], title: str,
+                path: pathlib.Path) -> bool:
+  """Training loss vs step, one line per metrics.jsonl (Phase 1, each Phase 2 model)."""
+  if not curves:
+    return False
+  plt = _plt()
+  phase1 = {k: v for k, v in curves.items() if not k.startswith("phase2")}
+  phase2 = {k: v for k, v in curves.items() if k.startswith("phase2")}
+  panels = [(n, c) for n, c in (("Phase 1", phase1), ("Phase 2", phase2)) if c]
+  fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+  for ax, (name, group) in zip(axes[0], panels, strict=True):
+    for label, pts in group.items():
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"{title}: {name}")
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return True
+
+
+# ============================================================================ report
+
+
+def _slug(text: str) -> str:
+  return re.sub(r"[^a-z0-9_.-]+", "_", text.lower()).strip("_") or "run"
+
+
+def make_report(runs: Sequence[str | pathlib.Path], out_dir: str | pathlib.Path,
+                command: str | None = None) -> pathlib.Path:
+  """Writes RESULTS.md, results/*.json and the plots under ``out_dir``; returns the .md."""
+  out_dir = pathlib.Path(out_dir)
+  res_dir = out_dir / "results"
+  res_dir.mkdir(parents=True, exist_ok=True)
+  run_list = [str(pathlib.Path(r)) for r in runs]
+  records = load_runs(run_list)
+  best = best_records(records)
+  for r in best.values():
+    r["_run_label"] = _run_label(r, run_list)
+  found = sorted({r["dataset"] for r in best.values()})
+  datasets = list(MAIN_DATASETS) + [d for d in found if d not in MAIN_DATASETS]
+  command = command or ("python scripts/make_report.py --runs " + " ".join(run_list))
+
+  md = ["# Results", "",
+        f"Generated by `{command}` on {datetime.date.today().isoformat()}; do not edit by "
+        "hand. Every number is read from the runs' `results.json`; a method without a "
+        "record is shown as **missing**. Test split, full ranking over all items minus the "
+        "user's history (OpenP5 protocol, SPEC §6); ± is one standard error of the mean over "
+        "users. *beam search (10)* = trie-constrained generation (the paper's protocol), "
+        "*retrieval head* = one LLM pass scoring every item (beyond the paper). *steps* = "
+        "Phase 2 training steps (MF: ALS iterations); *eval wall s* = scoring time of that "
+        "row (compilation included). Machine-readable rows: `results/<dataset>.json`.", "", "## Runs", "",
+        "| run | folder | datasets | commands |", "|---|---|---|---|"]
+  for i, run in enumerate(run_list, 1):
+    rr = [r for r in records if r["_run"] == run]
+    cmds = sorted({r["command"] for r in rr if r.get("command")})
+    md.append(f"| R{i} | `{run}` | {', '.join(sorted({r['dataset'] for r in rr})) or '—'} | "
+              + ("<br>".join(f"`{c}`" for c in cmds) or "(no command recorded)") + " |")
+  md.append("")
+
+  for d in datasets:
+    name = DATASET_NAMES.get(d, d)
+    shown: list[dict] = []
+    md += [f"## {name}", ""]
+    if not any(r["dataset"] == d for r in best.values()):
+      md += [f"**missing**: no run in this report evaluated {name} (every method: "
+             f"{', '.join(METHOD_NAMES.values())})."]
+      for (pd, task), pubs in PUBLISHED.items():
+        if pd == d:
+          md += ["", f"Published ({task}, SPEC §7): " + "; ".join(
+              f"{label} HR@5 {vals[0]:.4f}" + (f", NDCG@5 {vals[1]:.4f}" if vals[1] else "")
+              for label, *vals in pubs) + "."]
+      md.append("")
+      continue
+    for task in TASKS:
+      for template in TEMPLATES:
+        lines, rows = ranking_table(best, d, task, template, run_list)
+        shown += rows
+        md += [f"### {name} — {task}, {template} template", ""] + lines + [""]
+    if d == "ml1m":
+      md += [ordering_check(best), ""]
+    extra = [r for r in best.values() if r["dataset"] == d
+             and r["task"] not in TASKS and r["split"] == "test"]
+    shown += extra
+    if shown:
+      clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in shown]
+      (res_dir / f"{_slug(d)}.json").write_text(json.dumps(clean, indent=1) + "\n")
+      png = res_dir / f"results_{_slug(d)}.png"
+      if plot_results(shown, d, png):
+        md += [f"![{name} results](results/{png.name})", ""]
+
+  lines, _ = language_table(best, datasets)
+  md += ["## Language (held-out conversations)", "",
+         "Semantic consistency = cosine of MiniLM sentence embeddings of the generated and "
+         "the reference answer (greedy decoding); log-likelihood per reference answer token "
+         "(teacher forcing). See `ilm_jax/evals/language.py` for how held-out samples are "
+         "drawn.", ""]
+  md += (lines if len(lines) > 2 else ["**missing**: no language records."]) + [""]
+  lines, _ = preservation_table(best, datasets)
+  md += ["## Preservation", "", "Text-only prompts through the ILM vs the frozen base LLM.", ""]
+  md += (lines if len(lines) > 2 else ["**missing**: no preservation records."]) + [""]
+
+  md += ["## Training curves", ""]
+  any_curve = False
+  for i, run in enumerate(run_list, 1):
+    png = res_dir / f"training_R{i}_{_slug(pathlib.Path(run).name)}.png"
+    if plot_curves(training_curves(pathlib.Path(run)), f"R{i}", png):
+      md += [f"![R{i} training curves](results/{png.name})", ""]
+      any_curve = True
+  if not any_curve:
+    md += ["**missing**: no metrics.jsonl in the runs.", ""]
+  path = out_dir / "RESULTS.md"
+  path.write_text("\n".join(md).rstrip() + "\n")
+  return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--runs", nargs="+", required=True, help="run folders (workdirs)")
+  parser.add_argument("--out-dir", default=str(REPO / "docs"),
+                      help="where RESULTS.md and results/ go (default: docs/)")
+  args = parser.parse_args(argv)
+  cmd = "python scripts/make_report.py --runs " + " ".join(args.runs)
+  path = make_report(args.runs, args.out_dir, command=cmd)
+  print(f"make_report: wrote {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,100 @@
+"""scripts/make_report.py on fake run folders: tables, missing runs, JSON rows, plots."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from ilm_jax import resources
+from ilm_jax.evals import results
+
+pytest.importorskip("matplotlib")
+
+
+def _report_module():
+  spec = importlib.util.spec_from_file_location(
+      "make_report", resources.REPO_ROOT / "scripts" / "make_report.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _rec(method, hr5, users=100, task="sequential", template="seen", dataset="ml1m", **kw):
+  return dict(dataset=dataset, split="test", task=task, template=template, method=method,
+              users=users, **{"hr@5": hr5, "ndcg@5": hr5 / 2, "hr@10": hr5 * 1.5,
+                              "ndcg@10": hr5 / 1.5, "hr@5_se": 0.01}, **kw)
+
+
+@pytest.fixture
+def runs(tmp_path):
+  a, b = tmp_path / "run_a", tmp_path / "run_b"
+  results.write_results(a, [
+      _rec("ilm-it-ii", 0.30, steps=2000, wall_s=12.5, command="python -m ilm_jax.main x"),
+      _rec("ilm-it-ii+retrieval", 0.25, steps=2000),
+      _rec("ilm-rand", 0.20), _rec("mlp", 0.10),
+      _rec("mf", 0.05, task="straightforward", iters=10),
+      dict(dataset="ml1m", split="test", task="language", template="seen", method="mlp",
+           users=20, semantic_consistency=0.61, semantic_consistency_se=0.02,
+           loglik_per_token=-2.5, loglik_per_token_se=0.1),
+      dict(dataset="ml1m", split="test", task="preservation", template="seen",
+           method="mlp", users=4, equal=True, max_abs_diff=0.0, tokens=90)])
+  (a / "phase2" / "mlp").mkdir(parents=True)
+  (a / "phase2" / "mlp" / "metrics.jsonl").write_text(
+      "\n".join(json.dumps({"step": s, "loss": 5.0 / s}) for s in range(1, 6))
+      + '\n{"step": 5, "steps_per_sec": 1.0}\n')
+  # A second run with a larger evaluation of the same key replaces the first.
+  results.write_results(b, [_rec("mlp", 0.12, users=500),
+                            _rec("ilm-rand", 0.6, users=50, dataset="beauty")])
+  return [a, b]
+
+
+def test_report_tables_missing_and_json(runs, tmp_path):
+  mod = _report_module()
+  out = tmp_path / "docs"
+  md = mod.make_report(runs, out).read_text()
+  # Present numbers with std errors; the larger MLP evaluation (run 2) wins.
+  assert "| ILM-IT-II | beam search (10) | 0.3000 ± 0.0100 | 0.1500 |" in md
+  assert "| ILM-IT-II | retrieval head | 0.2500 ± 0.0100 |" in md
+  assert "| MLP | beam search (10) | 0.1200 ± 0.0100 |" in md and "| 500 |" in md
+  assert "0.1000 ± 0.0100" not in md.split("## Beauty")[0]
+  # Missing methods and datasets are said to be missing, not invented.
+  assert "| ILM-IT | — | **missing** (not run) |" in md
+  assert "| text-only | — | **missing** (not run) |" in md
+  assert "**missing**: no run in this report evaluated Clothing" in md
+  # Published numbers beside ours; the ordering check reads the records.
+  assert "| *published: OpenP5 random ids (T5-small)* | | 0.1098 | 0.0734 | 0.1575 | 0.0888" in md
+  assert ("Ordering ILM > ILM-rand > MLP (ML1M sequential, seen template, HR@5, beam search):"
+          " holds, with non-overlapping") in md
+  assert "| MF | dot product | 0.0500 ± 0.0100 |" in md
+  assert "`python -m ilm_jax.main x`" in md
+  assert "| ml1m | MLP | 0.610 ± 0.020 | -2.500 ± 0.100 | 20 |" in md
+  assert "| ml1m | MLP | yes (bit-identical) |" in md
+  rows = json.loads((out / "results" / "ml1m.json").read_text())
+  keys = {(r["task"], r["method"], r["users"]) for r in rows}
+  assert ("sequential", "mlp", 500) in keys and ("sequential", "mlp", 100) not in keys
+  assert ("language", "mlp", 20) in keys and ("straightforward", "mf", 100) in keys
+  for r in rows:
+    results.validate_record(r)
+    assert not any(k.startswith("_") for k in r)
+  assert json.loads((out / "results" / "beauty.json").read_text())[0]["hr@5"] == 0.6
+  for png in ("results_ml1m.png", "results_beauty.png", "training_R1_run_a.png"):
+    assert (out / "results" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "![R1 training curves](results/training_R1_run_a.png)" in md
+  assert not (out / "results" / "training_R2_run_b.png").exists()
+
+
+def test_ordering_check_reports_failure_and_missing():
+  mod = _report_module()
+  best = {("ml1m", "test", "sequential", "seen", r["method"]): r for r in
+          [_rec("ilm-it", 0.1), _rec("ilm-rand", 0.2), _rec("mlp", 0.05)]}
+  assert "does **not** hold" in mod.ordering_check(best)
+  del best[("ml1m", "test", "sequential", "seen", "mlp")]
+  assert "**not evaluated**" in mod.ordering_check(best)
+
+
+def test_main_rejects_missing_folder(tmp_path):
+  mod = _report_module()
+  with pytest.raises(SystemExit, match="no such folder"):
+    mod.main(["--runs", str(tmp_path / "nope"), "--out-dir", str(tmp_path)])
