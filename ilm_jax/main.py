@@ -35,10 +35,37 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"config.job={job!r} is not a job; valid: {', '.join(sorted(jobs.JOBS))}")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required (outputs go there)")
-  from ilm_jax import config_lib  # noqa: PLC0415  (keeps --help fast)
+  check_workdir(_WORKDIR.value)
+  from ilm_jax import config_lib, distributed  # noqa: PLC0415  (keeps --help fast)
   config_lib.validate(config)
+  # Multi-host start-up before anything touches a device (see ilm_jax/distributed.py).
+  distributed.maybe_initialize(config)
   logging.info("job %s, workdir %s\n%s", job, _WORKDIR.value, config)
   jobs.job_module(job).run(config, _WORKDIR.value)
+
+
+# Job parts that write the workdir with local file APIs (open/pathlib/os), which would
+# turn "gs://b/run" into a local folder "gs:/b/run"; see docs/SCALING.md, "Multi-host".
+LOCAL_PATH_WRITERS = (
+    "prepare: data/<dataset>", "cf: cf/embeddings.npz, cf/train_log.json",
+    "train loop: metrics.jsonl, tb/", "results.json", "phase1: phase1/qformer_config.json",
+    "phase2: phase2/<method>/", "eval: eval/<method>/", "chat: chat/",
+    "generate: generate.jsonl")
+
+
+def check_workdir(workdir: str) -> None:
+  """Rejects object-store URLs as the workdir (only checkpoints could live there).
+
+  Raises:
+    app.UsageError: naming the job parts that need a local or FUSE-mounted path.
+  """
+  scheme = workdir.split("://", 1)[0] if "://" in workdir else ""
+  if scheme:
+    raise app.UsageError(
+        f"--workdir={workdir}: {scheme}:// is not supported as a workdir; these parts "
+        f"write it with local file APIs: {'; '.join(LOCAL_PATH_WRITERS)}. Mount the bucket "
+        "(e.g. gcsfuse --implicit-dirs BUCKET /mnt/BUCKET) and pass "
+        "--workdir=/mnt/BUCKET/RUN (docs/SCALING.md, 'Multi-host').")
 
 
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:

@@ -21,6 +21,7 @@ import math
 import os
 import pathlib
 import re
+import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -113,6 +114,12 @@ def read_results(workdir: str | os.PathLike) -> list[Record]:
   return records
 
 
+def _process_index() -> int:
+  """``jax.process_index()`` if jax is already imported (0 otherwise: nothing to share)."""
+  jax = sys.modules.get("jax")
+  return jax.process_index() if jax is not None else 0
+
+
 @contextlib.contextmanager
 def _locked(workdir: pathlib.Path):
   with open(workdir / (FILENAME + ".lock"), "w") as f:
@@ -132,9 +139,14 @@ def write_results(workdir: str | os.PathLike, records: Iterable[Record]) -> list
       of an existing record replaces it.
 
   Returns:
-    All records now in the file.
+    All records now in the file (on a multi-host run's other processes, which do not
+    write: ``records`` merged with what the file holds).
   """
   new = [validate_record(r) for r in records]
+  if _process_index() != 0:  # multi-host: process 0 writes the one shared file
+    merged = {_key(r): r for r in read_results(workdir)}
+    merged |= {_key(r): r for r in new}
+    return list(merged.values())
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   with _locked(workdir):
