@@ -47,3 +47,10 @@ def served():
   _, tok = llm_and_tokenizer()
   return model_lib.from_dataset(ilm(), tok, dataset(), als=ALS)
 
+
+
+@functools.lru_cache(maxsize=1)
+def shared_served():
+  """One ServedModel for read-only tests (server, browser); tests that add items use
+  ``served()``."""
+  return served()

@@ -14,7 +14,7 @@ from tests import _chat_tiny as T
 
 @pytest.fixture(scope="module")
 def srv():
-  served = T.served()
+  served = T.shared_served()
   httpd = server.make_server(served, session.SessionConfig(max_new_tokens=4), max_sessions=3)
   t = threading.Thread(target=httpd.serve_forever, daemon=True)
   t.start()

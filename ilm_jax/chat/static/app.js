@@ -24,10 +24,13 @@
         (c.error ? ": " + c.error : "");
       div.appendChild(t);
     });
-    if (data.items && data.items.length) {
+    const shown = (data.items || []).concat((data.mentioned || []).filter(function (m) {
+      return !(data.items || []).some(function (it) { return it.id === m.id; });
+    }));
+    if (shown.length) {
       const ul = document.createElement("ul");
       ul.className = "items";
-      data.items.forEach(function (it) {
+      shown.forEach(function (it) {
         const li = document.createElement("li");
         li.className = "item";
         li.dataset.id = it.id;
