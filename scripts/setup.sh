@@ -17,6 +17,26 @@ import sys
 sys.exit(0 if sys.version_info >= (3, 11) else 1)
 PY
 
+# Opt-in (ILM_BROWSER_TESTS=1): what tests/test_serve_browser.py needs -- Debian's
+# chromium, node + npm, and playwright-core (pinned by tests/browser/package-lock.json).
+# Runs before the stamp check so it also applies to an existing venv; idempotent.
+if [[ "${ILM_BROWSER_TESTS:-0}" == "1" ]]; then
+  SUDO=""
+  if [[ "$(id -u)" != "0" ]] && command -v sudo >/dev/null; then SUDO="sudo"; fi
+  if [[ ! -x /usr/bin/chromium ]] || ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    echo "[setup] installing chromium and node (ILM_BROWSER_TESTS=1)"
+    $SUDO apt-get update -q
+    pkgs=(chromium)
+    command -v node >/dev/null || pkgs+=(nodejs)
+    command -v npm >/dev/null || pkgs+=(npm)
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${pkgs[@]}"
+  fi
+  if [[ ! -d tests/browser/node_modules/playwright-core ]]; then
+    echo "[setup] npm ci in tests/browser (playwright-core)"
+    (cd tests/browser && npm ci --no-audit --no-fund)
+  fi
+fi
+
 stamp="$VENV/.ilm-setup-stamp"
 want=$(cat setup.cfg pyproject.toml "$0" | sha256sum | cut -d' ' -f1)
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
