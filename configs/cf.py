@@ -28,8 +28,8 @@ DATASETS = ("generated", "ml1m", "beauty", "clothing")
 DATASET_DEFAULTS = {
     "generated": dict(reg=1.0, alpha=10.0, iters=10),
     "ml1m": dict(reg=10.0, alpha=1.0, iters=15, patience=3),
-    "beauty": dict(reg=30.0, alpha=60.0, iters=20, patience=3),
-    "clothing": dict(reg=30.0, alpha=60.0, iters=20, patience=3),
+    "beauty": dict(reg=30.0, alpha=60.0, iters=20, patience=3, eval_every=2),
+    "clothing": dict(reg=30.0, alpha=60.0, iters=20, patience=3, eval_every=2),
 }
 
 
