@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ilm_jax.evals import ranking
+
 KS = (1, 5, 10)
 
 
@@ -36,23 +38,17 @@ def item_item_scores(a_feats: jax.Array, b_feats: jax.Array) -> jax.Array:
   return jnp.einsum("nke,mle->nmkl", a_feats, b_feats).max((-1, -2))
 
 
-def _ranks_of_targets(scores: np.ndarray, targets: np.ndarray,
+def _ranks_of_targets(scores, targets: np.ndarray,
                       exclude: np.ndarray | None = None) -> np.ndarray:
-  """1-based rank of ``targets[i]`` in row i (ties count against the target).
-
-  Args:
-    scores: float[R, C].
-    targets: int[R] column index per row.
-    exclude: optional bool[R, C]; True columns are removed from the ranking.
-  Returns:
-    int[R] ranks.
-  """
-  scores = np.asarray(scores, np.float64)
-  if exclude is not None:
-    scores = np.where(exclude, -np.inf, scores)
-  tgt = scores[np.arange(len(targets)), targets][:, None]
-  higher_or_tied = (scores >= tgt).sum(1)  # includes the target itself
-  return higher_or_tied.astype(np.int64)
+  """1-based rank of ``targets[i]`` in row i, ties against the target (``ranking``'s rule)."""
+  scores = jnp.asarray(scores, jnp.float32)
+  if exclude is None:
+    exclude = np.zeros(scores.shape, bool)
+  ranks, finite = ranking.ranks_from_scores(scores, jnp.asarray(targets, jnp.int32),
+                                            jnp.asarray(exclude))
+  if not bool(np.all(finite)):
+    raise FloatingPointError("NaN item scores in Phase 1 evaluation")
+  return np.asarray(ranks)
 
 
 def recall_at(ranks: np.ndarray, ks=KS) -> dict[str, float]:
