@@ -30,6 +30,9 @@ def test_resolve_exact_fuzzy_missing_and_ambiguous():
   assert res.ambiguous and set(res.items) == {3, 4}
   assert C.ask_back(cat, res) == "Did you mean: Heat (1995) or Heat (2003)?"
   assert cat.resolve("completely unrelated words").items == ()
+  cat2 = C.Catalogue(["Endless Orchard", "The Endless Orchard"])
+  assert cat2.resolve("The Endless Orchard").item == 1   # verbatim title beats look-alike
+  assert cat2.resolve("endless orchard!").ambiguous
 
 
 def test_find_mentions_prefers_longer_titles():

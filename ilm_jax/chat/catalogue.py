@@ -183,6 +183,10 @@ class Catalogue:
     Returns:
       A Resolution (``items`` empty when nothing matches).
     """
+    raw = text.strip().lower()
+    verbatim = [i for i, t in enumerate(self.titles) if t.lower() == raw] if raw else []
+    if len(verbatim) == 1:   # the exact display title wins over normalised look-alikes
+      return Resolution(text, (verbatim[0],), False)
     q = normalize_title(text)
     if not q:
       return Resolution(text, (), False)
