@@ -1,0 +1,147 @@
+"""The phase2 job (tiny config): end to end, loss decreases, saved state, resume.
+
+Shared inputs are built once: prepared tiny catalogue, CF npz, and a Phase 1 hand-off (a
+tiny random Q-Former written with ``phase1.save_qformer``, the format the phase1 job
+leaves). One 8-step run serves several tests; the resume test deletes its last
+checkpoint and reruns, which must reproduce the same trained params bit for bit.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from ilm_jax import partition, phase1, resources
+from ilm_jax.data import sources, types
+from ilm_jax.jobs import phase1 as phase1_job
+from ilm_jax.jobs import phase2 as phase2_job
+from ilm_jax.jobs import prepare
+from ilm_jax.models import ilm as ilm_lib
+from ilm_jax.models import qformer as qformer_lib
+
+TOTAL = 8
+
+
+def _get_config(arg):
+  spec = importlib.util.spec_from_file_location(
+      "phase2_config", resources.REPO_ROOT / "configs/phase2.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+  try:
+    resources.smollm2_gguf()  # the tokenizer
+  except resources.MissingResourceError as e:
+    pytest.skip(str(e))
+  d = tmp_path_factory.mktemp("phase2_shared")
+  c = _get_config("tiny")
+  ds = prepare.prepared_dataset(c.data, d, d / "data")
+  emb = phase1_job.cf_embeddings(c, d, ds, types.leave_one_out(ds))  # ALS -> d/cf/
+  qcfg = qformer_lib.QFormerConfig(
+      vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+      max_position_embeddings=32, num_query_tokens=2, cf_dim=emb.item_emb.shape[1],
+      proj_dim=16, dec_token_id=127)
+  phase1.save_qformer(d / "p1", qformer_lib.QFormer(qcfg, rngs=nnx.Rngs(0)))
+  return d
+
+
+def _config(shared, arg="ilm,tiny", **train):
+  c = _get_config(arg)
+  c.data_dir = str(shared / "data")
+  c.cf_path = str(shared / "cf" / "embeddings.npz")
+  c.phase1_dir = str(shared / "p1")
+  c.prompts.update(dict(max_len=80, max_slots=5, max_history=2))
+  c.eval.update(dict(max_users=8, batch_size=8))
+  c.train.update({**dict(total_steps=TOTAL, log_every=1, checkpoint_every=4), **train})
+  c.train.optimizer.update(dict(lr=1e-2, warmup_steps=1))
+  return c
+
+
+@pytest.fixture(scope="module")
+def run(shared, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("phase2_run")
+  summary = phase2_job.run(_config(shared), str(workdir))
+  return workdir, summary
+
+
+def _params(model: ilm_lib.ILM, frozen) -> dict:
+  _, trainable, _ = partition.split_trainable(model, tuple(frozen))
+  return jax.tree.map(np.asarray, nnx.to_pure_dict(trainable))
+
+
+def test_end_to_end_loss_decreases_and_state_is_saved(run, shared):
+  workdir, summary = run
+  assert summary["method"] == "ilm-it-ii" and summary["steps"] == TOTAL
+  assert summary["soft_tokens"] == 2 and summary["examples"] > 0
+  assert "valid_retrieval_hr@10" in summary
+  outdir = workdir / "phase2" / "ilm-it-ii"
+  recs = [json.loads(line) for line in (outdir / "metrics.jsonl").read_text().splitlines()]
+  losses = [r["loss"] for r in recs if "loss" in r]
+  assert len(losses) == TOTAL and np.all(np.isfinite(losses))
+  assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+
+  # The checkpoint and the saved state hold trainable params only (no LLM, no CF).
+  meta = json.loads((outdir / "ilm.json").read_text())
+  c = _get_config("tiny")
+  ds = sources.ensure_tokens(prepare.prepared_dataset(c.data, shared, shared / "data"))
+  model = ilm_lib.load_trained(outdir, None, ds)
+  params = _params(model, meta["frozen"])
+  assert "llm" not in params and "cf_items" not in params
+  assert set(params) == {"encoder", "retrieval"}
+  n_saved = sum(x.size for x in jax.tree.leaves(params))
+  assert n_saved == summary["trainable_params"]
+  ckpt_bytes = sum(f.stat().st_size for f in (outdir / "checkpoints").rglob("*") if f.is_file())
+  llm_bytes = 4 * sum(x.size for x in jax.tree.leaves(nnx.state(model.llm)))
+  assert ckpt_bytes < llm_bytes / 4, (ckpt_bytes, llm_bytes)
+
+  # The LLM of the trained model is the untouched frozen one (bit-identical weights).
+  fresh, _ = ilm_lib.load_llm(c.llm)
+  jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(model.llm)),
+               nnx.to_pure_dict(nnx.state(fresh)))
+  # The trained encoder differs from the Phase 1 hand-off it started from.
+  start = phase1.load_qformer(shared / "p1")
+  assert not np.array_equal(np.asarray(model.encoder.qformer.query_tokens[...]),
+                            np.asarray(start.query_tokens[...]))
+  # Text-only prompts of the trained model still give the base LLM's logits exactly.
+  ids = np.arange(3, 19, dtype=np.int32).reshape(2, 8)
+  mask = np.ones_like(ids, bool)
+  empty = np.full((2, 2), -1, np.int32)
+  logits, _ = model(ids, mask, np.zeros_like(empty), empty, empty)
+  base, _, _ = fresh(tokens=ids, mask=mask)
+  np.testing.assert_array_equal(np.asarray(logits), np.asarray(base))
+
+
+def test_resume_reproduces_the_uninterrupted_run(run, shared):
+  workdir, _ = run
+  outdir = workdir / "phase2" / "ilm-it-ii"
+  meta = json.loads((outdir / "ilm.json").read_text())
+  c = _get_config("tiny")
+  ds = sources.ensure_tokens(prepare.prepared_dataset(c.data, shared, shared / "data"))
+  want = _params(ilm_lib.load_trained(outdir, None, ds), meta["frozen"])
+  shutil.rmtree(outdir / "checkpoints" / str(TOTAL))   # as if killed after step 4's save
+  shutil.rmtree(outdir / "params")
+  cfg = _config(shared)
+  cfg.eval.max_users = 0
+  summary = phase2_job.run(cfg, str(workdir))
+  assert summary["steps"] == TOTAL
+  got = _params(ilm_lib.load_trained(workdir, cfg, ds), meta["frozen"])
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+@pytest.mark.parametrize("arg", ["text,tiny", "rand,tiny"])
+def test_baseline_variants_build_and_step(shared, tmp_path, arg):
+  c = _config(shared, arg, total_steps=2, checkpoint_every=0)
+  c.eval.max_users = 0
+  summary = phase2_job.run(c, str(tmp_path))
+  assert summary["steps"] == 2
+  assert summary["method"] == {"text,tiny": "text-only", "rand,tiny": "ilm-rand"}[arg]
+  assert summary["soft_tokens"] == (0 if arg.startswith("text") else c.qformer.num_query_tokens)
