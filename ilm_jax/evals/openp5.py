@@ -175,6 +175,20 @@ def _item_keys(graphdef, state):
   return nnx.merge(graphdef, state).retrieval_item_keys()
 
 
+def retrieval_item_keys(model: nnx.Module) -> jax.Array | None:
+  """The retrieval head's item side (float32[N, R]) computed once, or None when the model
+  does not expose it (``retrieval_scores`` then computes it per call).
+
+  Encoding every item through the Q-Former is the expensive part of the retrieval head
+  (N items x K queries x all layers) and does not depend on the prompt: compute it once
+  per model and pass it to ``rank_retrieval`` / ``evaluate``.
+  """
+  if not hasattr(model, "retrieval_item_keys"):
+    return None
+  graphdef, state = nnx.split(model)
+  return _item_keys(graphdef, state)
+
+
 def _inputs(arrays: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, jax.Array]:
   keys = ("input_ids", "attn_mask", "slot_ids", "slot_kind", "slot_pos")
   return {k: jnp.asarray(arrays[k][rows]) for k in keys}
@@ -239,16 +253,24 @@ def _pad_id(model: nnx.Module) -> int:
 
 
 def rank_retrieval(model: nnx.Module, prompts: Prompts, num_items: int, *,
-                   batch_size: int = 32, progress: Progress | None = None) -> np.ndarray:
+                   batch_size: int = 32, progress: Progress | None = None,
+                   item_keys: jax.Array | None = None) -> np.ndarray:
   """Retrieval-head ranking: one LLM pass per prompt, every item scored, history excluded.
+
+  Args:
+    model: the Phase 2 model.
+    prompts: from ``build_prompts``.
+    num_items: N.
+    batch_size: prompts per call.
+    progress: optional progress printer.
+    item_keys: ``retrieval_item_keys(model)`` computed earlier (computed here if None).
 
   Returns:
     int32[U] ranks (``ranking.NOT_RANKED`` = target in the history).
   """
   n = len(prompts.users)
   graphdef, state = nnx.split(model)
-  # The item side does not depend on the prompt: encode every item once, not per batch.
-  keys = _item_keys(graphdef, state) if hasattr(model, "retrieval_item_keys") else None
+  keys = item_keys if item_keys is not None else retrieval_item_keys(model)
   row_of = {int(u): i for i, u in enumerate(prompts.users)}
   # rank_users works in user ids; map them back to prompt rows (padding uses user 0,
   # which may not be in the subsample: any row then does, its output is dropped).
@@ -279,6 +301,7 @@ def evaluate(model: nnx.Module, ds: RecDataset, split: Split, encoder: phase2.Pr
              users: Sequence[int] | None = None, batch_size: int = 16,
              beam_size: int = BEAM_SIZE, trie: generation.ItemTrie | None = None,
              prompts: Prompts | None = None, max_history: int = phase2.MAX_HISTORY,
+             item_keys: jax.Array | None = None,
              log: Callable[[str], None] | None = None) -> dict[str, Any]:
   """One results record (SPEC §8): HR/NDCG@5/10 ± std errors of ``method`` with ``scorer``.
 
@@ -296,6 +319,7 @@ def evaluate(model: nnx.Module, ds: RecDataset, split: Split, encoder: phase2.Pr
     trie: prebuilt ``item_trie`` (built here if None).
     prompts: prebuilt ``build_prompts`` output for these arguments (built if None).
     max_history: history items shown (``build_prompts``).
+    item_keys: precomputed ``retrieval_item_keys(model)`` (retrieval; computed if None).
     log: progress printer (default print).
 
   Returns:
@@ -316,7 +340,7 @@ def evaluate(model: nnx.Module, ds: RecDataset, split: Split, encoder: phase2.Pr
     name = method
   else:
     ranks = rank_retrieval(model, prompts, ds.num_items, batch_size=batch_size,
-                           progress=progress)
+                           progress=progress, item_keys=item_keys)
     name = f"{method}+retrieval"
   wall = progress.seconds
   rec = dict(dataset=ds.name, split=which, task=task, template=template, method=name,

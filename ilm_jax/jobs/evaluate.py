@@ -157,6 +157,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
       key = (id(tok), encoder.end_id)
       if key not in tries:
         tries[key] = openp5.item_trie(ds, encoder)
+    item_keys = None
+    if "retrieval" in scorers:
+      t_keys = time.perf_counter()
+      item_keys = openp5.retrieval_item_keys(model)
+      log(f"eval: {method} retrieval item keys in {time.perf_counter() - t_keys:.1f}s")
     for task in tasks:
       for template in templates:
         prompts = openp5.build_prompts(ds, split, which, task, template, encoder, users,
@@ -166,7 +171,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
               model, ds, split, encoder, method=method, which=which, task=task,
               template=template, scorer=scorer, batch_size=int(config.batch_size),
               beam_size=int(config.beam_size), trie=tries.get((id(tok), encoder.end_id)),
-              prompts=prompts, log=log)
+              prompts=prompts, item_keys=item_keys, log=log)
           emit(rec, extras)
           log(f"eval: {rec['method']} {task}/{template}: HR@5 {rec['hr@5']:.4f}"
               f"±{rec['hr@5_se']:.4f} NDCG@10 {rec['ndcg@10']:.4f} ({rec['users']} users, "
