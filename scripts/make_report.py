@@ -85,6 +85,18 @@ def best_records(records: Iterable[dict[str, Any]]) -> dict[tuple, dict[str, Any
   return best
 
 
+def trained_models(run: pathlib.Path) -> list[dict[str, Any]]:
+  """The Phase 2 jobs' ``summary.json`` of every model under ``run/phase2``."""
+  out = []
+  for path in sorted(run.glob("phase2/*/summary.json")):
+    try:
+      out.append({"folder": path.parent.relative_to(run).as_posix(),
+                  **json.loads(path.read_text())})
+    except json.JSONDecodeError:
+      out.append({"folder": path.parent.relative_to(run).as_posix(), "error": "bad json"})
+  return out
+
+
 def training_curves(run: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
   """{relative folder: [(step, loss)]} from every metrics.jsonl under ``run``."""
   curves = {}
@@ -335,6 +347,18 @@ def make_report(runs: Sequence[str | pathlib.Path], out_dir: str | pathlib.Path,
     md.append(f"| R{i} | `{run}` | {', '.join(sorted({r['dataset'] for r in rr})) or '—'} | "
               + ("<br>".join(f"`{c}`" for c in cmds) or "(no command recorded)") + " |")
   md.append("")
+  models = [(i, m) for i, run in enumerate(run_list, 1)
+            for m in trained_models(pathlib.Path(run))]
+  if models:
+    md += ["Trained Phase 2 models (each folder's `summary.json`):", "",
+           "| run | folder | dataset | method | steps | batch | train s | training examples "
+           "| T | K | trainable params |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for i, m in models:
+      cells = [m.get(k, "") for k in ("dataset", "method", "steps", "batch_size", "train_s",
+                                       "examples", "max_len", "soft_tokens",
+                                       "trainable_params")]
+      md.append(f"| R{i} | `{m['folder']}` | " + " | ".join(str(c) for c in cells) + " |")
+    md.append("")
 
   for d in datasets:
     name = DATASET_NAMES.get(d, d)

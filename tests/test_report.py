@@ -44,6 +44,9 @@ def runs(tmp_path):
   (a / "phase2" / "mlp" / "metrics.jsonl").write_text(
       "\n".join(json.dumps({"step": s, "loss": 5.0 / s}) for s in range(1, 6))
       + '\n{"step": 5, "steps_per_sec": 1.0}\n')
+  (a / "phase2" / "mlp" / "summary.json").write_text(json.dumps(
+      {"dataset": "ml1m", "method": "mlp", "steps": 2000, "batch_size": 8, "train_s": 99.5,
+       "examples": 60400, "max_len": 320, "soft_tokens": 4, "trainable_params": 1234}))
   # A second run with a larger evaluation of the same key replaces the first.
   results.write_results(b, [_rec("mlp", 0.12, users=500),
                             _rec("ilm-rand", 0.6, users=50, dataset="beauty")])
@@ -69,6 +72,7 @@ def test_report_tables_missing_and_json(runs, tmp_path):
           " holds, with non-overlapping") in md
   assert "| MF | dot product | 0.0500 ± 0.0100 |" in md
   assert "`python -m ilm_jax.main x`" in md
+  assert "| R1 | `phase2/mlp` | ml1m | mlp | 2000 | 8 | 99.5 | 60400 | 320 | 4 | 1234 |" in md
   assert "| ml1m | MLP | 0.610 ± 0.020 | -2.500 ± 0.100 | 20 |" in md
   assert "| ml1m | MLP | yes (bit-identical) |" in md
   rows = json.loads((out / "results" / "ml1m.json").read_text())

@@ -301,7 +301,7 @@ def evaluate(model: nnx.Module, ds: RecDataset, split: Split, encoder: phase2.Pr
              users: Sequence[int] | None = None, batch_size: int = 16,
              beam_size: int = BEAM_SIZE, trie: generation.ItemTrie | None = None,
              prompts: Prompts | None = None, max_history: int = phase2.MAX_HISTORY,
-             item_keys: jax.Array | None = None,
+             item_keys: jax.Array | None = None, progress_every_s: float = 10.0,
              log: Callable[[str], None] | None = None) -> dict[str, Any]:
   """One results record (SPEC §8): HR/NDCG@5/10 ± std errors of ``method`` with ``scorer``.
 
@@ -320,6 +320,7 @@ def evaluate(model: nnx.Module, ds: RecDataset, split: Split, encoder: phase2.Pr
     prompts: prebuilt ``build_prompts`` output for these arguments (built if None).
     max_history: history items shown (``build_prompts``).
     item_keys: precomputed ``retrieval_item_keys(model)`` (retrieval; computed if None).
+    progress_every_s: seconds between progress lines.
     log: progress printer (default print).
 
   Returns:
@@ -332,7 +333,7 @@ def evaluate(model: nnx.Module, ds: RecDataset, split: Split, encoder: phase2.Pr
     prompts = build_prompts(ds, split, which, task, template, encoder, users, max_history)
   n = len(prompts.users)
   label = f"eval {ds.name} {which} {task}/{template} {method} {scorer}"
-  progress = Progress(n, label, out=log)
+  progress = Progress(n, label, every_s=progress_every_s, out=log)
   if scorer == "generation":
     trie = trie if trie is not None else item_trie(ds, encoder)
     ranks, _ = rank_generation(model, prompts, trie, beam_size=beam_size,

@@ -171,7 +171,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
               model, ds, split, encoder, method=method, which=which, task=task,
               template=template, scorer=scorer, batch_size=int(config.batch_size),
               beam_size=int(config.beam_size), trie=tries.get((id(tok), encoder.end_id)),
-              prompts=prompts, item_keys=item_keys, log=log)
+              prompts=prompts, item_keys=item_keys,
+              progress_every_s=float(config.progress_every_s), log=log)
           emit(rec, extras)
           log(f"eval: {rec['method']} {task}/{template}: HR@5 {rec['hr@5']:.4f}"
               f"±{rec['hr@5_se']:.4f} NDCG@10 {rec['ndcg@10']:.4f} ({rec['users']} users, "
