@@ -37,15 +37,27 @@ def llm_and_tokenizer():
   return ilm_lib.load_llm(ml_collections.ConfigDict(LLM_CFG))
 
 
+@functools.lru_cache(maxsize=1)
 def ilm():
+  """The (cached) tiny ILM; ServedModel.add_item never mutates it."""
   llm_model, _ = llm_and_tokenizer()
   items, users = cf_tables()
   return ilm_lib._build(dict(META), llm_model, items, users)
 
 
 def served():
+  """A fresh ServedModel (own catalogue and tables) over the cached ILM; the item tokens
+  are computed by the encoder the first time only."""
   _, tok = llm_and_tokenizer()
-  return model_lib.from_dataset(ilm(), tok, dataset(), als=ALS)
+  base = shared_served() if shared_served.cache_info().currsize else None
+  if base is None:
+    return model_lib.from_dataset(ilm(), tok, dataset(), als=ALS)
+  ds = dataset()
+  return model_lib.ServedModel(
+      ilm(), tok, model_lib.catalogue_lib.Catalogue.from_dataset(ds),
+      histories=base.histories, label=base.label, user_tokens=ds.user_tokens,
+      item_tokens=base.item_tokens[:ds.num_items].copy(),
+      item_keys=base.item_keys[:ds.num_items].copy(), als=ALS)
 
 
 
@@ -53,4 +65,5 @@ def served():
 def shared_served():
   """One ServedModel for read-only tests (server, browser); tests that add items use
   ``served()``."""
-  return served()
+  _, tok = llm_and_tokenizer()
+  return model_lib.from_dataset(ilm(), tok, dataset(), als=ALS)

@@ -19,7 +19,8 @@ CFG = session.SessionConfig(max_new_tokens=4, k=5)
 
 @pytest.fixture(scope="module")
 def served():
-  return T.served()
+  T.shared_served()   # computes the item tokens once for every test module
+  return T.served()   # this module adds items: its own catalogue and tables
 
 
 @pytest.fixture
