@@ -40,3 +40,27 @@ def test_scripted_chat_from_an_adapter_export(tmp_path):
   rec = chat.run(c, str(tmp_path / "wd2"), stdout=io.StringIO())[0]
   call = rec["tool_calls"][0]["call"]
   assert call["arguments"]["history"] == [int(i) for i in served.histories[4]]
+
+
+def test_chat_job_loads_the_trained_model_from_the_workdir(tmp_path):
+  """The phase2 job's layout (WORKDIR/phase2/<method>/ilm.json + params, CF npz, prepared
+  data): the job loads it, exports the adapter and chats."""
+  from ilm_jax.cf import mf
+  from ilm_jax.jobs import cf as cf_job
+  from ilm_jax.models import ilm as ilm_lib
+  ds = T.dataset()
+  wd = tmp_path / "wd"
+  items, users = T.cf_tables()
+  cf = mf.save_embeddings(cf_job.embeddings_path(wd), users, items, ds.user_ids, ds.item_ids,
+                          {"dataset": ds.name, "alpha": T.ALS.alpha, "reg": T.ALS.reg})
+  meta = {**T.META, "method": "mlp", "cf_path": str(cf)}
+  ilm_lib.save_trained(ilm_lib.output_dir(wd, "mlp"), T.ilm(), meta, meta["frozen"])
+  c = chat_cfg.get_config("tiny")
+  c.max_new_tokens = 4
+  c.messages = f"I loved {ds.item_titles[3]}||recommend 2"
+  records = chat.run(c, str(wd), stdout=io.StringIO())
+  want = [i for i, _ in T.shared_served().recommend([3], 2)]
+  assert [it["id"] for it in records[1]["tool_calls"][0]["items"]] == want
+  loaded = export.load(wd / "chat" / "adapter", *T.llm_and_tokenizer())
+  assert loaded.manifest["dataset"]["name"] == ds.name
+  assert loaded.item_tokens.shape == T.shared_served().item_tokens.shape
