@@ -172,7 +172,8 @@ class App:
     user = self._user(body)
     liked = self._items(body.get("liked"), "liked")
     sid, sess = self.sessions.get_or_create(sid, user=user, liked=liked)
-    rec = sess.send(msg)
+    with sess.lock:
+      rec = sess.send(msg)
     return {"session": sid, **rec}
 
   def items(self, query: dict[str, list[str]]) -> dict:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -73,6 +74,8 @@ class ChatSession:
     self.messages: list[tuple[str, tuple]] = []
     self.system = tools_lib.system_prompt(served.label)
     self.last_used = time.monotonic()
+    # Two requests on one session id must not interleave their turns.
+    self.lock = threading.Lock()
 
   @property
   def catalogue(self) -> catalogue_lib.Catalogue:
