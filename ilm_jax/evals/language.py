@@ -212,6 +212,10 @@ def evaluate(model: nnx.Module, ds: RecDataset, split: Split, encoder: phase2.Pr
   t0 = time.perf_counter()
   # Samples whose prompt does not fit are dropped for both metrics alike.
   fits = [s for s in samples if encoder.render(s) is not None]
+  if not fits:
+    log(f"language {ds.name} {method}: none of {len(samples)} held-out samples fits "
+        f"max_len={encoder.max_len}; skipped")
+    return None, []
   refs = [reference_text(s) for s in fits]
   gens = generate_answers(model, fits, encoder, max_new_tokens=max_new_tokens,
                           batch_size=batch_size)
