@@ -92,9 +92,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.llm = ml_collections.ConfigDict(dict(source="", tiny=tiny, dtype="float32", seed=0))
   c.qformer = _phase1_model(",".join([dataset] + (["tiny"] if tiny else [])))  # 'rand'
   c.mlp = ml_collections.ConfigDict(dict(hidden=512, num_tokens=4))
+  # Retrieval head loss: 'full' = softmax over every item (the item encoder runs on the
+  # whole catalogue each step); 'batch' = the batch's targets + num_negatives sampled items.
   c.retrieval = ml_collections.ConfigDict(dict(
-      dim=256, weight=1.0,
-      candidates="full"))  # 'full' = softmax over every item; 'batch' = in-batch targets
+      dim=256, weight=1.0, candidates="batch", num_negatives=120))
 
   generated = dataset == "generated"
   c.prompts = ml_collections.ConfigDict(dict(

@@ -188,7 +188,8 @@ def test_gradients_reach_the_qformer_through_the_frozen_llm(models):
 
 
 _jloss = nnx.jit(phase2.phase2_loss,
-                 static_argnames=("retrieval_weight", "candidates", "max_answer_tokens"))
+                 static_argnames=("retrieval_weight", "candidates", "num_negatives",
+                                  "max_answer_tokens"))
 
 
 def test_phase2_lm_loss_matches_full_logits_reference(models):
@@ -235,6 +236,23 @@ def test_retrieval_scores_full_and_in_batch(models, kind):
                              atol=1e-4)
   sub = np.asarray(model.retrieval_item_keys(items=b["target_item"]))
   np.testing.assert_allclose(sub, keys[np.asarray(b["target_item"])], atol=1e-5)
-  for cand in ("full", "batch"):
-    loss, m = _jloss(model, b, None, candidates=cand)
-    assert np.isfinite(float(m["loss_retrieval"])) and float(m["retrieval_rows"]) == 3
+  # Full softmax: CE of the target over all items, mean over recommendation rows.
+  rec = np.asarray([True, True, False, True])
+  tgt = np.asarray(b["target_item"])
+
+  def ce(s, labels):
+    s = s - s.max(axis=1, keepdims=True)
+    logp = s - np.log(np.exp(s).sum(axis=1, keepdims=True))
+    return -logp[np.arange(len(labels)), labels][rec].mean()
+
+  _, m = _jloss(model, b, None, candidates="full")
+  np.testing.assert_allclose(float(m["loss_retrieval"]), ce(scores, tgt), rtol=1e-4)
+  # In-batch: candidates are the targets; the non-recommendation row's column and other
+  # columns holding my own target (rows 0 and 2 share item 3) are not negatives.
+  ib = scores[:, tgt].copy()
+  ib[:, ~rec] = -1e30
+  ib[0, 2] = ib[2, 0] = -1e30
+  _, m = _jloss(model, b, None, candidates="batch")
+  np.testing.assert_allclose(float(m["loss_retrieval"]), ce(ib, np.arange(B)), rtol=1e-4)
+  _, m = _jloss(model, b, jax.random.key(0), candidates="batch", num_negatives=7)
+  assert np.isfinite(float(m["loss_retrieval"])) and float(m["retrieval_rows"]) == 3

@@ -85,7 +85,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
 
   loss_fn = functools.partial(
       phase2.phase2_loss, retrieval_weight=float(config.retrieval.weight),
-      candidates=str(config.retrieval.candidates), max_answer_tokens=max_answer,
+      candidates=str(config.retrieval.candidates),
+      num_negatives=int(config.retrieval.num_negatives), max_answer_tokens=max_answer,
       label_smoothing=float(config.loss.label_smoothing))
   evaluator = None
   if int(config.eval.max_users) > 0:

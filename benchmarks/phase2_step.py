@@ -1,0 +1,98 @@
+r"""Phase 2 train-step throughput: frozen LLM fwd+bwd into the soft tokens, on this host.
+
+  .venv/bin/python benchmarks/phase2_step.py [--batch 8] [--len 128] [--steps 3] [--tiny]
+
+Builds the ILM on the packaged SmolLM2-135M-Instruct (``--tiny``: the random test Llama)
+with a Q-Former of the default Phase 1 shape (random weights; the query-only pass is
+cheap next to the LLM), random CF tables, and a synthetic batch shaped like the
+``:generated`` prompts (B x T tokens, 6 item slots of K=4 soft tokens, 16 answer tokens per
+row), retrieval loss over ``--candidates``. Prints compile time, seconds per step, padded tokens/s, examples/s, peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from ilm_jax import optim, partition, phase2, steps
+from ilm_jax.models import adaptors, qformer
+from ilm_jax.models import ilm as ilm_lib
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--len", type=int, default=128)
+  p.add_argument("--steps", type=int, default=3)
+  p.add_argument("--items", type=int, default=1000)
+  p.add_argument("--answer", type=int, default=16)
+  p.add_argument("--candidates", default="batch", choices=phase2.CANDIDATES)
+  p.add_argument("--negatives", type=int, default=120)
+  p.add_argument("--tiny", action="store_true")
+  a = p.parse_args()
+
+  t0 = time.perf_counter()
+  llm_model, _ = ilm_lib.load_llm(ml_collections.ConfigDict(
+      dict(source="", tiny=a.tiny, dtype="float32", seed=0)))
+  load_s = time.perf_counter() - t0
+  k = 4
+  qcfg = qformer.QFormerConfig(num_query_tokens=k, cf_dim=64)
+  enc = adaptors.QFormerAdaptor(qformer.QFormer(qcfg, rngs=nnx.Rngs(0)), llm_model.config.dim,
+                                rngs=nnx.Rngs(1))
+  rng = np.random.default_rng(0)
+  model = ilm_lib.ILM(llm_model, enc, rng.normal(size=(a.items, 64)).astype(np.float32),
+                      rng.normal(size=(2000, 64)).astype(np.float32), rngs=nnx.Rngs(2))
+  ilm_lib._own_buffers(model.encoder)  # noqa: SLF001
+  frozen = ("^llm/", ilm_lib.QFORMER_UNUSED)
+  graphdef, trainable, rest = partition.split_trainable(model, frozen)
+  counts = partition.param_counts(trainable, rest)
+
+  b, t, s = a.batch, a.len, 6
+  ids = rng.integers(10, llm_model.config.vocab, size=(b, t)).astype(np.int32)
+  slot_pos = np.tile(8 + (k + 3) * np.arange(s), (b, 1)).astype(np.int32)
+  loss_mask = np.zeros((b, t), bool)
+  loss_mask[:, t - a.answer:] = True
+  batch = {"input_ids": ids, "attn_mask": np.ones((b, t), bool), "loss_mask": loss_mask,
+           "slot_ids": rng.integers(0, a.items, size=(b, s)).astype(np.int32),
+           "slot_kind": np.zeros((b, s), np.int32), "slot_pos": slot_pos,
+           "target_item": rng.integers(0, a.items, size=b).astype(np.int32),
+           "task": np.zeros(b, np.int32)}
+  batch = jax.tree.map(jnp.asarray, batch)
+  tx, _ = optim.make_optimizer(optim.default_config(warmup_steps=1), 100)
+  opt_state = tx.init(trainable)
+  loss_fn = functools.partial(phase2.phase2_loss, max_answer_tokens=a.answer,
+                              candidates=a.candidates, num_negatives=a.negatives)
+  step = jax.jit(steps.make_train_step(graphdef, loss_fn, tx), donate_argnums=(0, 2))
+
+  t0 = time.perf_counter()
+  trainable, opt_state, m = step(trainable, rest, opt_state, batch, jax.random.key(0))
+  jax.block_until_ready(m)
+  first_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for i in range(a.steps):
+    trainable, opt_state, m = step(trainable, rest, opt_state, batch, jax.random.key(i))
+  jax.block_until_ready(m)
+  per_step = (time.perf_counter() - t0) / a.steps
+  rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  print("| LLM | B x T | load s | compile+1st step s | s/step | tokens/s | examples/s | "
+        "trainable | frozen | peak RSS GB | load avg |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  print(f"| {'tiny' if a.tiny else 'SmolLM2-135M'} | {b} x {t} | {load_s:.1f} | {first_s:.1f} | "
+        f"{per_step:.2f} | {b * t / per_step:.0f} | {b / per_step:.2f} | "
+        f"{counts['trainable']:,} | {counts['frozen']:,} | {rss_gb:.2f} | "
+        f"{os.getloadavg()[0]:.1f} |")
+  print(f"loss {float(m['loss']):.3f}; retrieval candidates {a.candidates} "
+        f"(+{a.negatives} sampled); devices {jax.devices()}")
+
+
+if __name__ == "__main__":
+  main()
