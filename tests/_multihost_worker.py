@@ -77,8 +77,10 @@ def prepare_shared(shared: str | os.PathLike, steps: int = 4):
   from ilm_jax.jobs import prepare  # noqa: PLC0415
   c = config(os.fspath(shared), steps)
   ds = prepare.prepared_dataset(c.data, shared, c.data_dir)
+  with c.unlocked():
+    c.cf_path = ""  # -> ALS trained here, saved to SHARED/cf/embeddings.npz
   phase1_job.cf_embeddings(c, shared, ds, types.leave_one_out(ds))
-  return c
+  return config(os.fspath(shared), steps)
 
 
 def override_flags(c) -> list[str]:
@@ -107,6 +109,8 @@ def path_name(path) -> str:
 
 
 def main(shared: str, workdir: str, steps: int, out: str) -> None:
+  from absl import logging  # noqa: PLC0415
+  logging.set_verbosity(logging.INFO)  # as under absl.app (main): start-up lines in the log
   distributed.maybe_initialize()
   from ilm_jax.jobs import phase1 as phase1_job  # noqa: PLC0415
   phase1_job.Phase1Evaluator = StubEvaluator

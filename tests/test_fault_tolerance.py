@@ -35,7 +35,7 @@ from ilm_jax.evals import results
 
 REPO = resources.REPO_ROOT
 TOTAL = 12
-TIMEOUT_S = 300  # per job run on a loaded 2-core machine
+TIMEOUT_S = 900  # hang guard per job run (a run takes ~1 min of CPU; crowded machines: more)
 
 
 @pytest.fixture(scope="module")
