@@ -67,7 +67,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.templates = pick(TEMPLATES)
   c.scorers = pick(SCORERS)
   # 0 = every user; else a fixed seeded subsample (reported in each record).
-  c.max_users = 16 if tiny else (100 if dataset == "generated" else 0)
+  # The generated default is the README pipeline's eval stage, sized for its CPU budget
+  # (SmolLM2-135M on 2 cores: ~1 user/s with beam search; benchmarks/phase2.py).
+  c.max_users = 16 if tiny else (50 if dataset == "generated" else 0)
   c.seed = 0
   c.batch_size = 16      # users per beam-search / retrieval call
   c.beam_size = 10       # OpenP5: 10
@@ -77,8 +79,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   p2 = "ml1m" if dataset == "movielens" else dataset  # phase2 names MovieLens-1M 'ml1m'
   c.prompts = _phase2_prompts(",".join([p2] + (["tiny"] if tiny else [])))
   c.language = ml_collections.ConfigDict(dict(
-      count=0 if "nolanguage" in flags else (2 if tiny else 16),  # held-out samples per task
-      tasks=",".join(LANGUAGE_TASKS), max_new_tokens=8 if tiny else 64, batch_size=8,
+      # held-out samples per task
+      count=0 if "nolanguage" in flags else (2 if tiny else 4 if dataset == "generated" else 16),
+      tasks=",".join(LANGUAGE_TASKS), max_new_tokens=8 if tiny else 48, batch_size=8,
       seed=1234))
   c.preservation = True  # text-only logits == base LLM logits (the job fails otherwise)
   return c
