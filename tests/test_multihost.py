@@ -144,6 +144,25 @@ def test_only_process_zero_writes_logs_and_results(runs):
   assert sorted(os.listdir(tmp / "two" / "checkpoints")) == ["2", "4"]
 
 
+def test_main_starts_a_two_process_run(tmp_path):
+  """``python -m ilm_jax.main`` itself on 2 processes (the cheap prepare job): both join,
+  process 1 stays quiet on stdout, the shared workdir gets one prepared dataset."""
+  port = _free_port()
+  cmds = []
+  for pid in range(2):
+    argv = [sys.executable, "-m", "ilm_jax.main", "--config=configs/prepare.py:tiny",
+            f"--workdir={tmp_path / 'w'}"]
+    cmds.append((argv, _env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                            JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid)),
+                 tmp_path / f"p{pid}.log"))
+  _run_all(cmds)
+  log0, log1 = ((tmp_path / f"p{pid}.log").read_text() for pid in range(2))
+  assert "distributed: process 0 of 2, 2 local / 4 global devices" in log0
+  assert "distributed: process 1 of 2, 2 local / 4 global devices" in log1
+  assert "prepare: generated" in log0 and "prepare: generated" not in log1
+  assert (tmp_path / "w" / "data" / "generated" / "info.json").is_file()
+
+
 # ---- plan(): which start-up each environment gets (no processes started) ----------
 
 @pytest.mark.parametrize("env,section,expect", [
