@@ -100,8 +100,8 @@ def test_two_processes_match_one_process(runs):
   assert two["__devices__"].tolist() == [4, 2]
   names = sorted(k for k in one if not k.startswith("__"))
   assert names == sorted(k for k in two if not k.startswith("__")) and len(names) > 10
-  # Not bit-identical (measured max |diff| 1.6e-6 after 4 steps; 6e-6 with 2 layers): the
-  # gradient all-reduce adds the 4 devices' partial sums inside one process with XLA's CPU
+  # Not bit-identical (measured max |diff| 1.6e-6 after 4 steps; 6e-6 with 2 layers),
+  # most likely (not isolated) because the gradient all-reduce adds the 4 devices' partial sums inside one process with XLA's CPU
   # all-reduce, across two processes with gloo's, in another order; the few-ulp gradient
   # differences then pass through Adam's per-element normalisation. 2e-5 is ~1% of how
   # far training moves a typical param in these steps (median max |update| 1.7e-3, see
