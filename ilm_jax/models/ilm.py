@@ -10,6 +10,15 @@ Contract (the evaluation, chat and serving code use these names; keep them stabl
   ilm.item_token_table()                         # float32[N, K, D] (cacheable)
   ilm.retrieval_scores(hidden_last)              # float32[B, N] (retrieval head)
 
+Additions beyond the agreed contract (all optional):
+  ``ilm(..., compute_logits=False)`` returns (None, hidden); ``ilm.num_soft_tokens`` = K
+  to give ``data.phase2.PromptEncoder(soft_tokens=...)`` (0 for text-only);
+  ``retrieval_scores(hidden_last, item_keys=ilm.retrieval_item_keys())`` with cached keys;
+  ``last_prompt_hidden(hidden, prompt_len - 1)`` picks the hidden state the head scores;
+  ``load_llm(config.llm)`` -> (Llm, tokenizer); ``method_name`` / ``output_dir`` locate a
+  run's ``WORKDIR/phase2/<method>``. ``ilm_jax.phase2.retrieval_score_fn`` wraps the head
+  for ``evals.ranking.rank_users``.
+
 Slots follow ``data.phase2``: ``slot_kind`` 0 = item, 1 = user, -1 = empty; slot s
 occupies the K positions ``slot_pos[s] .. slot_pos[s] + K - 1`` (the prompt holds
 placeholder ids there); ``slot_ids`` index the dataset's items / users.
@@ -450,7 +459,9 @@ def load_trained(workdir_or_ckpt: str | os.PathLike, config: ml_collections.Conf
     llm_model: an already loaded frozen LLM (must be the one ``ilm.json`` names).
 
   Returns:
-    The ILM with the trained params (host arrays).
+    The ILM with the trained params (host arrays). Params frozen in Phase 2 other than
+    the LLM (the Q-Former's unused text branch) are not saved and come back randomly
+    initialised: use the Phase 1 checkpoint for Phase 1 style text retrieval.
   """
   import orbax.checkpoint as ocp  # noqa: PLC0415
 
