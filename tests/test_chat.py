@@ -189,3 +189,10 @@ def test_export_round_trip_and_llm_check(served, tmp_path, monkeypatch):
     export.load(out, other, tok)
   with pytest.raises(FileNotFoundError, match="manifest.json"):
     export.load(tmp_path / "nothing", llm_model, tok)
+
+
+def test_dedupe_sentences_cuts_greedy_loops():
+  assert session.dedupe_sentences(
+      "I'm glad you liked X. I'm glad you liked X. Try Y!\nTry Y! I'm glad") == \
+      "I'm glad you liked X. Try Y!"
+  assert session.dedupe_sentences("") == ""

@@ -60,6 +60,22 @@ class SessionConfig:
   model_tools: bool = True
 
 
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def dedupe_sentences(text: str) -> str:
+  """Drops repeated sentences (greedy decoding of a small model loops: "I'm glad ... I'm
+  glad ...") and a trailing unfinished repeat of an earlier sentence's start."""
+  out, seen = [], set()
+  for sent in _SENTENCE.split(text.strip()):
+    key = " ".join(sent.lower().split())
+    if not key or key in seen or any(k.startswith(key) for k in seen):
+      continue
+    seen.add(key)
+    out.append(sent.strip())
+  return " ".join(out)
+
+
 class ChatSession:
   """One person's conversation (history of liked items + chat turns)."""
 
@@ -190,7 +206,8 @@ class ChatSession:
         run(call, "model")
     else:
       reply = tools_lib.strip_tool_calls(out)
-    reply = tools_lib.strip_tool_calls(reply)
+    reply = dedupe_sentences(tools_lib.strip_tool_calls(reply))
+    model_reply = reply
     named = self.catalogue.find_mentions(reply, min_words=1)
     missing = [i for i in dict.fromkeys(tool_items) if i not in named]
     lines = [f"{self.catalogue.display(i)}: {facts[i]}" for i in facts if facts[i] not in reply]
@@ -200,7 +217,9 @@ class ChatSession:
     if lines:
       reply = "\n".join(([reply] if reply else []) + lines)
       record["grounded"] = True
-    self.messages.append(("assistant", (reply,)))
+    # The history keeps the model's own words: the grounding lines are for the person
+    # (the tool turn already gave the model those items), and a small model would parrot them.
+    self.messages.append(("assistant", (model_reply,)))
     items = list(dict.fromkeys(named + missing))
     record.update(reply=reply, items=[self.catalogue.details(i) for i in items])
     return record
