@@ -7,8 +7,10 @@ clothing | movielens) and ``tiny`` (seconds-scale settings used by the tests).
 
 Each stage is the same job you can run alone with ``configs/<stage>.py``; its settings
 live under ``config.<stage>`` (e.g. ``--config.cf.mf.iters=5``). ``config.data`` is shared:
-it replaces every stage's own data section. Stages whose job is not available yet are
-listed by ``--config.stages`` and skipped with a message.
+it replaces every stage's own data section. ``--config.stages=cf,phase1`` runs a subset
+(in pipeline order). The chat stage plays ``SAMPLE_CONVERSATION`` (a scripted multi-turn
+conversation with item tokens and tool calls, printed as a transcript); replace it with
+``--config.chat.messages='first message||second message'``.
 """
 
 from __future__ import annotations
@@ -19,9 +21,16 @@ import pathlib
 import ml_collections
 
 from ilm_jax import config_lib
+from ilm_jax.jobs.pipeline import STAGES
 
-STAGES = ("prepare", "cf", "phase1", "phase2", "eval", "chat")
 _HERE = pathlib.Path(__file__).resolve().parent
+
+# Turns are '||'-separated (configs/chat.py ``messages``).
+SAMPLE_CONVERSATION = "||".join([
+    "Hi! Can you recommend something for me?",
+    "Find me something with a dark tone",
+    "Tell me more about the first one",
+])
 
 
 def _stage_config(stage: str, arg: str) -> ml_collections.ConfigDict | None:
@@ -47,4 +56,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       c[stage] = sub
       present.append(stage)
   c.stages = ",".join(present)
+  if "chat" in c:
+    c.chat.messages = SAMPLE_CONVERSATION
+    c.chat.user = 0  # the first user's history seeds the sample session
   return c

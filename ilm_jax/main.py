@@ -41,7 +41,21 @@ def main(argv: list[str]) -> None:
   # Multi-host start-up before anything touches a device (see ilm_jax/distributed.py).
   distributed.maybe_initialize(config)
   logging.info("job %s, workdir %s\n%s", job, _WORKDIR.value, config)
-  jobs.job_module(job).run(config, _WORKDIR.value)
+  try:
+    jobs.job_module(job).run(config, _WORKDIR.value)
+  except Exception as e:
+    if not _is_named_error(e):
+      raise  # a bug: keep the traceback
+    logging.debug("%s", e, exc_info=True)
+    sys.stderr.write(f"ERROR ({type(e).__name__}): {e}\n"
+                     "(run with --verbosity=1 for the traceback)\n")
+    sys.exit(2)
+
+
+def _is_named_error(e: BaseException) -> bool:
+  """Errors ilm_jax raises on purpose (bad data, config, files) carry their own message."""
+  return any(c.__module__.startswith("ilm_jax.") for c in type(e).__mro__) or isinstance(
+      e, (FileNotFoundError, NotADirectoryError, PermissionError))
 
 
 # Job parts that write the workdir with local file APIs (open/pathlib/os), which would

@@ -11,12 +11,20 @@ import time
 
 import ml_collections
 
-from ilm_jax import jobs
+from ilm_jax import config_lib, jobs
 from ilm_jax.evals import results
+
+# Each stage is a job of the same name reading what the previous ones left in the workdir.
+STAGES = ("prepare", "cf", "phase1", "phase2", "eval", "chat")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  stages = [s for s in config.stages.split(",") if s]
+  stages = [s.strip() for s in config.stages.split(",") if s.strip()]
+  known = [s for s in STAGES if s in config]
+  unknown = [s for s in stages if s not in known]
+  if unknown:
+    raise config_lib.ConfigError(f"config.stages names {', '.join(unknown)}; valid stages: {', '.join(known)}")
+  stages = [s for s in known if s in stages]  # always in pipeline order
   t0 = time.perf_counter()
   for i, stage in enumerate(stages, 1):
     sub = config[stage]
