@@ -39,7 +39,10 @@ def main(argv: list[str]) -> None:
   from ilm_jax import config_lib, distributed  # noqa: PLC0415  (keeps --help fast)
   config_lib.validate(config)
   # Multi-host start-up before anything touches a device (see ilm_jax/distributed.py).
-  distributed.maybe_initialize(config)
+  try:
+    distributed.maybe_initialize(config)
+  except distributed.DistributedConfigError as e:
+    raise app.UsageError(str(e)) from e
   logging.info("job %s, workdir %s\n%s", job, _WORKDIR.value, config)
   try:
     jobs.job_module(job).run(config, _WORKDIR.value)
