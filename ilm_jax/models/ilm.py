@@ -336,22 +336,8 @@ def _build(meta: dict[str, Any], llm_model: llm.Llm, item_emb: np.ndarray,
     encoder = None
   else:
     raise ValueError(f"variant {variant!r}; valid: {', '.join(VARIANTS)}")
-  if encoder is not None:
-    _own_buffers(encoder)
   return ILM(llm_model, encoder, item_emb, user_emb, retrieval_dim=int(meta["retrieval_dim"]),
              rngs=rngs)
-
-
-def _own_buffers(module: nnx.Module) -> None:
-  """Gives every param of ``module`` its own buffer.
-
-  A freshly initialised Q-Former shares one array between its text FFN and query FFN
-  (``nnx.clone`` copies the structure, not the buffers); the train step donates the
-  trainable state, and on a single device ``device_put`` keeps the sharing, so XLA
-  would be asked to donate one buffer twice (an error, or a crash).
-  """
-  state = nnx.state(module, nnx.Param)
-  nnx.update(module, jax.tree.map(lambda x: jnp.array(x, copy=True), state))
 
 
 def build_ilm(config: ml_collections.ConfigDict, workdir: str | os.PathLike, ds,

@@ -169,8 +169,11 @@ class QFormerLayer(nnx.Module):
         if cfg.has_cross_attention(index) else None)
     self.ffn = layers.FeedForward(h, cfg.intermediate_size, **kw)
     # LAVIS copies the text FFN into the query FFN at init; loaders redo the copy after
-    # overwriting the text FFN.
-    self.ffn_query = nnx.clone(self.ffn)
+    # overwriting the text FFN. The copy gets its own buffers: training donates the
+    # state, and one buffer donated twice is an XLA error (nnx.clone would share them).
+    self.ffn_query = layers.FeedForward(h, cfg.intermediate_size, **kw)
+    nnx.update(self.ffn_query,
+               jax.tree.map(lambda x: jnp.array(x, copy=True), nnx.state(self.ffn)))
 
   def __call__(self, x: jax.Array, *, num_queries: int, mask: jax.Array | None,
                memory: jax.Array | None, memory_mask: jax.Array | None) -> jax.Array:
