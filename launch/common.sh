@@ -8,6 +8,9 @@
 #   ILM_ACCELERATOR   accelerator type            (default v5litepod-8)
 #   ILM_RUNTIME       TPU software version        (default v2-alpha-tpuv5-lite)
 #   ILM_BUCKET        gs:// prefix for workdirs, e.g. gs://my-bucket/ilm (required by run.sh)
+#   ILM_MOUNT         where run.sh mounts ILM_BUCKET's bucket with gcsfuse on each worker: an
+#                     absolute path, or one relative to the worker's home dir
+#                     (default ilm_bucket, i.e. $HOME/ilm_bucket on the worker)
 #   ILM_REPO          git URL of this project     (required by setup.sh)
 #   ILM_REF           git ref to check out        (default main)
 #   ILM_JAX_VERSION   jax[tpu] version            (default 0.10.2, the version setup.cfg pins)
@@ -26,6 +29,7 @@ ILM_JAX_VERSION=${ILM_JAX_VERSION:-0.10.2}
 ILM_PYTHON=${ILM_PYTHON:-python3.11}
 ILM_SPOT=${ILM_SPOT:-0}
 ILM_WORKERS=${ILM_WORKERS:-1}
+ILM_MOUNT=${ILM_MOUNT:-ilm_bucket}
 # Where the project lives and job logs go on each worker, relative to the login dir.
 ILM_REMOTE_DIR=ilm_jax
 ILM_REMOTE_LOGS=ilm_logs
@@ -95,6 +99,21 @@ parse_common_args() {
       *) ARGS+=("$a") ;;
     esac
   done
+}
+
+# Splits ILM_BUCKET (gs://BUCKET[/PREFIX]) into BUCKET_NAME and BUCKET_PREFIX, the folder
+# inside the bucket without leading, trailing or doubled '/' (empty for the bucket alone).
+bucket_parts() {
+  local usage="ILM_BUCKET must be a gs:// path (gs://BUCKET[/PREFIX]), got '${ILM_BUCKET:-}'"
+  [[ "${ILM_BUCKET:-}" =~ ^gs://([a-z0-9][a-z0-9._-]*)(/.*)?$ ]] || die "$usage"
+  BUCKET_NAME=${BASH_REMATCH[1]}
+  local p=${BASH_REMATCH[2]}
+  while [[ "$p" == *//* ]]; do p=${p//\/\//\/}; done
+  p=${p#/}
+  p=${p%/}
+  # The prefix becomes a path under the mount point, where '.' and '..' would mean other folders.
+  [[ ! "/$p/" =~ /\.\.?/ ]] || die "$usage: '.' and '..' are not folder names there"
+  BUCKET_PREFIX=$p
 }
 
 # The flags every `gcloud compute tpus tpu-vm` command takes.
