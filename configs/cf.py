@@ -35,15 +35,9 @@ DATASET_DEFAULTS = {
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   """The cf job's config; ``arg`` as in the module docstring."""
-  parts = [p.strip().lower() for p in (arg or "").split(",") if p.strip()]
-  tiny = "tiny" in parts
-  names = [p for p in parts if p != "tiny"]
-  unknown = [p for p in names if p not in DATASETS]
-  if unknown or len(names) > 1:
-    raise config_lib.ConfigError(
-        f"configs/cf.py:{arg} names {names or unknown}; give at most one dataset from "
-        f"{', '.join(DATASETS)}, optionally with ',tiny'")
-  dataset = names[0] if names else "generated"
+  dataset, flags = config_lib.parse_config_arg(arg, config_file="configs/cf.py",
+                                               datasets=DATASETS)
+  tiny = "tiny" in flags
 
   c = ml_collections.ConfigDict()
   c.job = "cf"

@@ -34,17 +34,12 @@ DATASETS = ("generated", "ml1m", "beauty", "clothing")
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   """The chat job's config; ``arg`` as in the module docstring."""
-  parts = [p.strip().lower() for p in (arg or "").split(",") if p.strip()]
-  unknown = [p for p in parts if p not in DATASETS and p not in ("tiny", "serve")]
-  datasets = [p for p in parts if p in DATASETS]
-  if unknown or len(datasets) > 1:
-    raise config_lib.ConfigError(
-        f"configs/chat.py:{arg}: at most one dataset ({', '.join(DATASETS)}), 'tiny' and "
-        f"'serve'; unknown: {unknown}")
+  dataset, parts = config_lib.parse_config_arg(arg, config_file="configs/chat.py",
+                                               flags=("tiny", "serve"), datasets=DATASETS)
   tiny = "tiny" in parts
   c = ml_collections.ConfigDict()
   c.job = "chat"
-  c.data = config_lib.dataset_config(datasets[0] if datasets else "generated", tiny=tiny)
+  c.data = config_lib.dataset_config(dataset, tiny=tiny)
   c.data_dir = ""          # '' = WORKDIR/data/<dataset>
   c.method = ""            # '' = the only trained model under WORKDIR/phase2
   c.adapter = ""           # an adapter export folder instead of WORKDIR/phase2/<method>

@@ -30,16 +30,11 @@ DATASETS = ("generated", "ml1m", "beauty", "clothing")
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   """The phase1 job's config; ``arg`` as in the module docstring."""
-  parts = [p.strip().lower() for p in (arg or "").split(",") if p.strip()]
-  unknown = [p for p in parts if p not in VARIANTS and p not in DATASETS and p not in ("tiny", "small")]
-  variants = [p for p in parts if p in VARIANTS]
-  datasets = [p for p in parts if p in DATASETS]
-  if unknown or len(variants) > 1 or len(datasets) > 1:
-    raise config_lib.ConfigError(
-        f"configs/phase1.py:{arg}: give at most one variant ({', '.join(VARIANTS)}), at most "
-        f"one dataset ({', '.join(DATASETS)}) and optionally 'tiny' or 'small'; unknown: {unknown}")
-  variant = variants[0] if variants else "it_ii"
-  dataset = datasets[0] if datasets else "generated"
+  dataset, parts = config_lib.parse_config_arg(
+      arg, config_file="configs/phase1.py", flags=("tiny", "small", *VARIANTS),
+      datasets=DATASETS)
+  variant = config_lib.pick_one(parts, VARIANTS, "it_ii", config_file="configs/phase1.py",
+                                what="variant")
   tiny = "tiny" in parts
   small = "small" in parts
 

@@ -66,16 +66,10 @@ def _phase1_model(arg: str) -> ml_collections.ConfigDict:
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   """The phase2 job's config; ``arg`` as in the module docstring."""
-  parts = [p.strip().lower() for p in (arg or "").split(",") if p.strip()]
-  unknown = [p for p in parts if p not in VARIANTS and p not in DATASETS and p != "tiny"]
-  variants = [p for p in parts if p in VARIANTS]
-  datasets = [p for p in parts if p in DATASETS]
-  if unknown or len(variants) > 1 or len(datasets) > 1:
-    raise config_lib.ConfigError(
-        f"configs/phase2.py:{arg}: give at most one variant ({', '.join(VARIANTS)}), at most "
-        f"one dataset ({', '.join(DATASETS)}) and optionally 'tiny'; unknown: {unknown}")
-  variant = variants[0] if variants else "ilm"
-  dataset = datasets[0] if datasets else "generated"
+  dataset, parts = config_lib.parse_config_arg(
+      arg, config_file="configs/phase2.py", flags=("tiny", *VARIANTS), datasets=DATASETS)
+  variant = config_lib.pick_one(parts, VARIANTS, "ilm", config_file="configs/phase2.py",
+                                what="variant")
   tiny = "tiny" in parts
 
   c = ml_collections.ConfigDict()

@@ -3,7 +3,7 @@ r"""The whole pipeline in one job: prepare -> CF -> Phase 1 -> Phase 2 -> eval -
   python -m ilm_jax.main --config=configs/pipeline.py[:ARG] --workdir=DIR
 
 ARG (comma-separated, optional): a dataset (generated (default) | ml1m | beauty |
-clothing | movielens) and ``tiny`` (seconds-scale settings used by the tests).
+clothing) and ``tiny`` (seconds-scale settings used by the tests).
 
 Each stage is the same job you can run alone with ``configs/<stage>.py``; its settings
 live under ``config.<stage>`` (e.g. ``--config.cf.mf.iters=5``). ``config.data`` is shared:
@@ -28,6 +28,9 @@ _HERE = pathlib.Path(__file__).resolve().parent
 # Phase 1 at its default size (MiniLM-initialised, 600 item-text steps) takes hours on two
 # CPU cores; the pipeline runs its CPU-budget size (docs/PHASE1.md) so the whole pipeline
 # stays around 15 minutes. Run configs/phase1.py alone for the real thing.
+# Every stage takes these (the movielens raw files: run prepare/cf with them instead).
+DATASETS = ("generated", "ml1m", "beauty", "clothing")
+
 CPU_BUDGET_ARGS = {"phase1": ("small",)}
 
 # Turns are '||'-separated (configs/chat.py ``messages``).
@@ -49,7 +52,8 @@ def _stage_config(stage: str, arg: str) -> ml_collections.ConfigDict | None:
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  dataset, flags = config_lib.parse_config_arg(arg, config_file="configs/pipeline.py")
+  dataset, flags = config_lib.parse_config_arg(arg, config_file="configs/pipeline.py",
+                                               datasets=DATASETS)
   stage_arg = ",".join([dataset, *sorted(flags)])
   c = ml_collections.ConfigDict()
   c.job = "pipeline"

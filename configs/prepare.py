@@ -29,15 +29,8 @@ GROUPLENS_ML1M = "https://files.grouplens.org/datasets/movielens/ml-1m.zip"
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   """The prepare job's config; ``arg`` as in the module docstring."""
-  parts = [p.strip().lower() for p in (arg or "").split(",") if p.strip()]
-  flags = {"tiny", "download"}
-  names = [p for p in parts if p not in flags]
-  unknown = [p for p in names if p not in DATASETS]
-  if unknown or len(names) > 1:
-    raise config_lib.ConfigError(
-        f"configs/prepare.py:{arg} names {unknown or names}; give at most one dataset from "
-        f"{', '.join(DATASETS)}, optionally with ',tiny' (and ',download' for movielens)")
-  dataset = names[0] if names else "generated"
+  dataset, parts = config_lib.parse_config_arg(arg, config_file="configs/prepare.py",
+                                               flags=("tiny", "download"), datasets=DATASETS)
   if "download" in parts and dataset != "movielens":
     raise config_lib.ConfigError(
         f"configs/prepare.py:{arg}: 'download' only applies to movielens (GroupLens ml-1m.zip)")

@@ -102,3 +102,12 @@ def dataset_config(dataset: str, tiny: bool = False) -> ml_collections.ConfigDic
   if dataset == "movielens":
     return data_config("movielens")
   return data_config("openp5", name=dataset)
+
+
+def pick_one(flags: set[str], options, default: str, *, config_file: str, what: str) -> str:
+  """The one word of ``options`` in ``flags`` (``default`` when none); ConfigError for two."""
+  chosen = [o for o in options if o in flags]
+  if len(chosen) > 1:
+    raise ConfigError(f"{config_file}: give at most one {what} of {', '.join(options)}; "
+                      f"got {', '.join(chosen)}")
+  return chosen[0] if chosen else default
