@@ -21,6 +21,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
+import pathlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -124,7 +126,8 @@ class Checkpointer:
 
   def __init__(self, directory: str | epath.PathLike, *, max_to_keep: int = 3,
                async_save: bool = False, verify: bool = True):
-    self.directory = epath.Path(directory)
+    # orbax wants absolute paths (a relative --workdir fails deep inside its writers).
+    self.directory = epath.Path(directory).absolute()
     self.verify = verify
     self._options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True,
@@ -271,3 +274,17 @@ def abstract_like(tree: Any) -> Any:
       return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
     return x
   return jax.tree.map(one, tree)
+
+
+def save_pytree(path: str | os.PathLike, tree: Any) -> pathlib.Path:
+  """Writes a pytree of host arrays (trained params for hand-off between jobs) with orbax."""
+  path = pathlib.Path(path).absolute()
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path, tree, force=True)
+  return path
+
+
+def restore_pytree(path: str | os.PathLike, target: Any) -> Any:
+  """Reads what ``save_pytree`` wrote into the structure and shapes of ``target``."""
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(pathlib.Path(path).absolute(), target)

@@ -10,6 +10,7 @@ error. Each config file's docstring lists its ``:arg`` variants.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -36,6 +37,7 @@ def main(argv: list[str]) -> None:
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required (outputs go there)")
   check_workdir(_WORKDIR.value)
+  workdir = os.path.abspath(_WORKDIR.value)  # every path derived from it stays valid later
   from ilm_jax import config_lib, distributed  # noqa: PLC0415  (keeps --help fast)
   config_lib.validate(config)
   # Multi-host start-up before anything touches a device (see ilm_jax/distributed.py).
@@ -43,9 +45,9 @@ def main(argv: list[str]) -> None:
     distributed.maybe_initialize(config)
   except distributed.DistributedConfigError as e:
     raise app.UsageError(str(e)) from e
-  logging.info("job %s, workdir %s\n%s", job, _WORKDIR.value, config)
+  logging.info("job %s, workdir %s\n%s", job, workdir, config)
   try:
-    jobs.job_module(job).run(config, _WORKDIR.value)
+    jobs.job_module(job).run(config, workdir)
   except Exception as e:
     if not _is_named_error(e):
       raise  # a bug: keep the traceback

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ilm_jax import losses, masks
+from ilm_jax import checkpoint, losses, masks
 from ilm_jax.models import qformer as qformer_lib
 
 PARAMS_DIR = "phase1/params"
@@ -185,17 +185,13 @@ def save_qformer(workdir: str | os.PathLike, qformer: qformer_lib.QFormer) -> pa
 
   Phase 2 loads them with ``load_qformer(workdir)``.
   """
-  import orbax.checkpoint as ocp  # noqa: PLC0415
-
   workdir = pathlib.Path(workdir).absolute()
   path = workdir / PARAMS_DIR
   cfg_path = workdir / CONFIG_FILE
   cfg_path.parent.mkdir(parents=True, exist_ok=True)
   cfg_path.write_text(json.dumps(_config_dict(qformer.cfg), indent=1))
   state = jax.device_get(nnx.to_pure_dict(nnx.state(qformer, nnx.Param)))
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(path, state, force=True)
-  return path
+  return checkpoint.save_pytree(path, state)
 
 
 def _config_dict(cfg: qformer_lib.QFormerConfig) -> dict[str, Any]:
@@ -214,8 +210,6 @@ def load_qformer(workdir: str | os.PathLike, **overrides: Any) -> qformer_lib.QF
   Returns:
     The QFormer with the trained params.
   """
-  import orbax.checkpoint as ocp  # noqa: PLC0415
-
   workdir = pathlib.Path(workdir).absolute()
   cfg_path = workdir / CONFIG_FILE
   if not cfg_path.exists():
@@ -226,8 +220,7 @@ def load_qformer(workdir: str | os.PathLike, **overrides: Any) -> qformer_lib.QF
   model = qformer_lib.QFormer(cfg, rngs=nnx.Rngs(0))  # small: random init, then replaced
   params = nnx.state(model, nnx.Param)
   target = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), nnx.to_pure_dict(params))
-  with ocp.StandardCheckpointer() as ckptr:
-    restored = ckptr.restore(workdir / PARAMS_DIR, target)
+  restored = checkpoint.restore_pytree(workdir / PARAMS_DIR, target)
   nnx.replace_by_pure_dict(params, restored)
   nnx.update(model, params)
   return model

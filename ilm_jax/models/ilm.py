@@ -63,7 +63,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from ilm_jax import llm_tokenizer, partition
+from ilm_jax import checkpoint, llm_tokenizer, partition
 from ilm_jax.models import adaptors, layers, llm
 from ilm_jax.models import qformer as qformer_lib
 from ilm_jax.phase1 import CFTable
@@ -402,13 +402,11 @@ def build_meta(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mo
 def save_trained(directory: str | os.PathLike, model: ILM, meta: dict[str, Any],
                  frozen: Sequence[str]) -> pathlib.Path:
   """Writes the trainable params (orbax) and ``meta`` (+ CF path) under ``directory``."""
-  import orbax.checkpoint as ocp  # noqa: PLC0415
   directory = pathlib.Path(directory).absolute()
   directory.mkdir(parents=True, exist_ok=True)
   _, trainable, _ = partition.split_trainable(model, tuple(frozen))
   state = jax.device_get(nnx.to_pure_dict(trainable))
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(directory / PARAMS_DIR, state, force=True)
+  checkpoint.save_pytree(directory / PARAMS_DIR, state)
   (directory / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
   return directory
 
@@ -449,8 +447,6 @@ def load_trained(workdir_or_ckpt: str | os.PathLike, config: ml_collections.Conf
     the LLM (the Q-Former's unused text branch) are not saved and come back randomly
     initialised: use the Phase 1 checkpoint for Phase 1 style text retrieval.
   """
-  import orbax.checkpoint as ocp  # noqa: PLC0415
-
   from ilm_jax.cf import mf  # noqa: PLC0415
   directory = trained_dir(workdir_or_ckpt, config).absolute()
   meta = json.loads((directory / META_FILE).read_text())
@@ -462,8 +458,7 @@ def load_trained(workdir_or_ckpt: str | os.PathLike, config: ml_collections.Conf
                  np.asarray(emb.user_emb, np.float32))
   _, trainable, _ = partition.split_trainable(model, tuple(meta["frozen"]))
   target = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), nnx.to_pure_dict(trainable))
-  with ocp.StandardCheckpointer() as ckptr:
-    restored = ckptr.restore(directory / PARAMS_DIR, target)
+  restored = checkpoint.restore_pytree(directory / PARAMS_DIR, target)
   nnx.replace_by_pure_dict(trainable, restored)
   nnx.update(model, trainable)
   return model
