@@ -51,11 +51,6 @@ class Phase1Model(nnx.Module):
 
   def __init__(self, qformer: qformer_lib.QFormer, item_emb: np.ndarray,
                user_emb: np.ndarray):
-    # Fresh buffers per param: ``nnx.clone`` (the query FFN starts as a copy of the text
-    # FFN) shares arrays, and the train step donates its state — one buffer donated twice
-    # is an XLA error.
-    state = nnx.state(qformer)
-    nnx.update(qformer, jax.tree.map(lambda x: jnp.array(x, copy=True), state))
     self.qformer = qformer
     self.cf_items = CFTable(jnp.asarray(item_emb, jnp.float32))
     self.cf_users = CFTable(jnp.asarray(user_emb, jnp.float32))
