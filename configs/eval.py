@@ -26,7 +26,6 @@ method, task and scorer; reported as ``users`` and ``subsample`` in each record)
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 
 import ml_collections
@@ -43,11 +42,7 @@ _HERE = pathlib.Path(__file__).resolve().parent
 
 def _phase2_prompts(arg: str) -> ml_collections.ConfigDict:
   """``configs/phase2.py``'s prompt settings: evaluation renders prompts as training did."""
-  spec = importlib.util.spec_from_file_location("ilm_configs_phase2_for_eval",
-                                                _HERE / "phase2.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg).prompts
+  return config_lib.load_config_file(_HERE / "phase2.py", arg).prompts
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

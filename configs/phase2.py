@@ -33,7 +33,6 @@ The ML1M/Beauty/Clothing configs use the OpenP5 history of 20 items and 2000 ste
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 
 import ml_collections
@@ -57,11 +56,7 @@ FROZEN = {
 
 def _phase1_model(arg: str) -> ml_collections.ConfigDict:
   """``configs/phase1.py``'s model section: ILM-rand is that architecture, untrained."""
-  spec = importlib.util.spec_from_file_location("ilm_configs_phase1_for_phase2",
-                                                _HERE / "phase1.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg).model
+  return config_lib.load_config_file(_HERE / "phase1.py", arg).model
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

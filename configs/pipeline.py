@@ -15,7 +15,6 @@ conversation with item tokens and tool calls, printed as a transcript); replace 
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 
 import ml_collections
@@ -45,10 +44,7 @@ def _stage_config(stage: str, arg: str) -> ml_collections.ConfigDict | None:
   path = _HERE / f"{stage}.py"
   if not path.exists():
     return None
-  spec = importlib.util.spec_from_file_location(f"ilm_configs_{stage}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load_config_file(path, arg)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

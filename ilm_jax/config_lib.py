@@ -7,6 +7,10 @@ lists the valid choices when one is wrong.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import pathlib
+
 import ml_collections
 
 DATA_SOURCES = ("generated", "movielens", "openp5")
@@ -111,3 +115,17 @@ def pick_one(flags: set[str], options, default: str, *, config_file: str, what: 
     raise ConfigError(f"{config_file}: give at most one {what} of {', '.join(options)}; "
                       f"got {', '.join(chosen)}")
   return chosen[0] if chosen else default
+
+
+def load_config_file(path: str | os.PathLike, arg: str = "") -> ml_collections.ConfigDict:
+  """``get_config(arg)`` of a config file given by path (how configs reuse each other).
+
+  Args:
+    path: a ``configs/<job>.py`` file.
+    arg: what would follow ``:`` on the command line.
+  """
+  path = pathlib.Path(path)
+  spec = importlib.util.spec_from_file_location(f"ilm_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
