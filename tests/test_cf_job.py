@@ -3,7 +3,6 @@ and the OpenP5 BPR-MF comparator on real data (skips without ../shared/data)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import jax.numpy as jnp
@@ -18,10 +17,7 @@ from ilm_jax.jobs import cf as cf_job
 
 
 def _get_config(arg):
-  spec = importlib.util.spec_from_file_location("cf_config", resources.REPO_ROOT / "configs/cf.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load_config_file(resources.REPO_ROOT / "configs" / "cf.py", arg)
 
 
 def test_config_args():

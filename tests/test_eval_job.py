@@ -3,7 +3,6 @@ subsample, preservation failure, missing models."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import ml_collections
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ilm_jax import resources
+from ilm_jax import config_lib, resources
 from ilm_jax.cf import mf
 from ilm_jax.data import sources
 from ilm_jax.evals import language, results
@@ -21,10 +20,7 @@ from ilm_jax.models import ilm as ilm_lib
 
 
 def _get_config(arg):
-  spec = importlib.util.spec_from_file_location("eval_config", resources.REPO_ROOT / "configs/eval.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load_config_file(resources.REPO_ROOT / "configs" / "eval.py", arg)
 
 
 def test_config_args():

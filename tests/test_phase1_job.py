@@ -6,8 +6,6 @@ CF embeddings are built once and shared through ``data_dir`` / ``cf_path``.
 
 from __future__ import annotations
 
-import importlib.util
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,11 +24,7 @@ TOTAL = 24  # 12 item-text + 12 item-item updates
 
 
 def _get_config(arg):
-  spec = importlib.util.spec_from_file_location(
-      "phase1_config", resources.REPO_ROOT / "configs/phase1.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load_config_file(resources.REPO_ROOT / "configs" / "phase1.py", arg)
 
 
 def _config(shared, variant="it_ii", **train):

@@ -8,7 +8,6 @@ checkpoint and reruns, which must reproduce the same trained params bit for bit.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ilm_jax import partition, phase1, resources
+from ilm_jax import config_lib, partition, phase1, resources
 from ilm_jax.data import sources, types
 from ilm_jax.jobs import phase1 as phase1_job
 from ilm_jax.jobs import phase2 as phase2_job
@@ -29,11 +28,7 @@ TOTAL = 8
 
 
 def _get_config(arg):
-  spec = importlib.util.spec_from_file_location(
-      "phase2_config", resources.REPO_ROOT / "configs/phase2.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load_config_file(resources.REPO_ROOT / "configs" / "phase2.py", arg)
 
 
 @pytest.fixture(scope="module")

@@ -1,22 +1,15 @@
 """The pipeline job: stages share one workdir and run in pipeline order."""
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
 
-from ilm_jax import config_lib
+from ilm_jax import config_lib, resources
 from ilm_jax.jobs import pipeline
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _config(arg):
-  spec = importlib.util.spec_from_file_location("pipeline_cfg", ROOT / "configs" / "pipeline.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load_config_file(resources.REPO_ROOT / "configs" / "pipeline.py", arg)
 
 
 def test_every_stage_has_a_config_and_a_scripted_chat():

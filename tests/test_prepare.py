@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -16,11 +15,7 @@ from ilm_jax.jobs import prepare
 
 
 def _get_config(arg: str = ""):
-  spec = importlib.util.spec_from_file_location(
-      "configs_prepare", resources.REPO_ROOT / "configs" / "prepare.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load_config_file(resources.REPO_ROOT / "configs" / "prepare.py", arg)
 
 
 def test_config_args_and_validation():
