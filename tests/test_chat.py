@@ -60,6 +60,7 @@ def test_session_uses_tools_and_names_catalogue_items_without_the_encoder(served
   assert [m["id"] for m in r1["mentioned"]] == [3, 10] and cs.history == [3, 10]
   r2 = cs.send("Can you recommend 3 more?")
   call = r2["tool_calls"][0]
+  assert call["by"] == "fallback"   # a random tiny LLM writes no calls of its own
   assert call["call"] == {"name": "recommend", "arguments": {"history": [3, 10], "k": 3}}
   want = [i for i, _ in served.recommend([3, 10], 3)]
   assert [it["id"] for it in call["items"]] == want and not set(want) & {3, 10}
@@ -122,7 +123,12 @@ def test_model_emitted_tool_calls_are_executed_and_errors_fed_back(served, monke
   assert [it["id"] for it in r["tool_calls"][1]["items"]] == hits
   assert r["reply"].startswith("Here you go.") and r["grounded"] == bool(hits)
   roles = [m[0] for m in cs.messages]
-  assert roles == ["user", "assistant", "tool", "assistant", "tool", "assistant"]
+  tool = tools.TOOL_ROLE
+  assert roles == ["user", "assistant", tool, "assistant", tool, "assistant"]
+  # The tool turns are SmolLM2's <tool_response> blocks; the results carry item slots.
+  assert cs.messages[2][1][0].startswith("<tool_response>\nerror: unknown tool")
+  slots = [p.index for p in cs.messages[4][1] if not isinstance(p, str)]
+  assert slots == hits and cs.messages[4][1][-1] == "\n</tool_response>"
 
 
 def test_new_item_is_recommended_and_described_without_training(served, no_encoder,

@@ -29,9 +29,9 @@ def test_scripted_chat_from_an_adapter_export(tmp_path):
                                             f"tell me about {b}"]
   text = out.getvalue()
   want = [i for i, _ in served.recommend([3, 10], 3)]
-  assert '[tool call by intent] recommend({"history": [3, 10], "k": 3})' in text
+  assert '[tool call by fallback] recommend({"history": [3, 10], "k": 3})' in text
   assert "[tool result] " + "; ".join(f"#{i} {ds.item_titles[i]}" for i in want) in text
-  assert "[tool call by intent] item_details" in text
+  assert "[tool call by fallback] item_details" in text
   logged = [json.loads(x) for x in (tmp_path / "wd/chat/transcript.jsonl").read_text()
             .splitlines()]
   assert [x["person"] for x in logged] == [r["person"] for r in records]

@@ -3,19 +3,24 @@
 One turn (``ChatSession.send``):
 
 1. **Mentions**: titles the person typed are resolved against the catalogue (exact
-   normalised titles anywhere in the message; a quoted "..." title fuzzily). An
-   ambiguous quoted title is asked back ("Did you mean: A or B?") and the turn ends there.
-   Resolved items enter the user turn as ``title`` + item tokens; unless the person asks
-   *about* them they join the session's history (what the person likes).
-2. **Intent layer** (deterministic orchestration, not the model): "recommend / suggest /
-   what should I watch" calls ``recommend``; "find / search / looking for" calls
-   ``search_items``; "tell me about / describe / details" with a mentioned item calls
-   ``item_details``. Each call is written into the conversation exactly as a model call
-   would be (an assistant turn with ``<tool_call>...``, then a ``tool`` turn with titles +
-   item tokens), so the model conditions on catalogue items.
-3. **Generation**: the LLM writes the reply on the spliced embeddings. If it emits tool
-   calls itself they are executed (malformed ones get an error tool turn) and it writes
-   again, up to ``max_tool_rounds``.
+   normalised titles anywhere in the message; a quoted "..." title fuzzily), and so are
+   references to the last list shown ("the second one", "number 3", "the last one";
+   "that one" / "about it" = the first item of the last reply). An ambiguous quoted
+   title is asked back ("Did you mean: A or B?") and the turn ends there. Resolved items
+   enter the user turn as ``title`` + item tokens; unless the person asks *about* them
+   they join the session's history (what the person likes).
+2. **The model first**: the system prompt offers the tools in SmolLM2's function-calling
+   style (``tools.system_prompt``) and the LLM writes on the spliced embeddings. When its
+   output holds tool calls they are executed -- a malformed one gets an error tool turn
+   it can recover from -- and it writes again, up to ``max_tool_rounds``.
+3. **Fallback intent layer** (deterministic, ``intents``): when the model made no call
+   that succeeded and the message asks for something -- "recommend / suggest / what
+   should I watch" -> ``recommend``; "find / search / looking for / any ..." ->
+   ``search_items`` with the request phrasing stripped (``search_query``); "tell me about
+   / describe" with a mentioned item -> ``item_details`` -- the model's call-less answer
+   is dropped, the calls are written into the conversation exactly as a model call would
+   be, and the model answers on their results. Every call records who made it (``by``:
+   'model' or 'fallback').
 4. **Grounding post-check**: the items the reply names are found in the catalogue; when a
    tool produced items the reply does not name, a line listing them is appended
    (``grounded`` marks it), so every answer that recommends names real catalogue items.
@@ -40,15 +45,65 @@ MAX_MESSAGE_CHARS = 2000
 _RECOMMEND = re.compile(r"\b(recommend\w*|suggest\w*|what should i|what (else )?(to|can i) "
                         r"(watch|read|buy|try)|something (else )?like|similar to|more like)\b",
                         re.I)
-_SEARCH = re.compile(r"\b(?:find|search(?: for)?|look(?:ing)? for|any)\b\s+(.+)", re.I)
+_SEARCH = re.compile(r"\b(?:find|search(?:\s+for)?|look(?:ing)?\s+for|show\s+me|got\s+any|"
+                     r"do\s+you\s+have|in\s+the\s+mood\s+for|i\s+want|i'd\s+like|any)\b"
+                     r"\s*(.*)", re.I | re.S)
 _DETAILS = re.compile(r"\b(tell me (more )?about|describe|details|what is|what's)\b", re.I)
 _QUOTED = re.compile(r"[\"\u201c]([^\"\u201d]{2,120})[\"\u201d]")
 _COUNT = re.compile(r"\b(\d{1,2})\b")
 
+# Words that phrase a request rather than say what is wanted ("find ME SOMETHING WITH A
+# dark tone"): dropped from search queries. Content words (genres, moods) never are.
+_FILLER = frozenset("""
+a an the some any me us my for please pls can could would will you your i i'm im i'd id
+am is are was be been being do does did have has had having got get give show find
+search look looking see want wanted need like likes liked mood something anything
+everything stuff thing things one ones kind sort type types of with without that which
+who whose what where when to in on at by from and or but also just really very more
+new good great nice cool best top maybe perhaps there here it its this these those
+movie movies film films show shows item items title titles book books product products
+watch watching read reading buy buying try trying catalogue catalog recommendation
+recommendations pick picks suggestion suggestions feature features featuring about
+lot lots bit little
+""".split())
+_WORD = re.compile(r"[\w'][\w'\-]*", re.U)
+
+
+def search_query(text: str) -> str:
+  """The words of a search request without its phrasing: "Can you find me something with a
+  dark tone?" -> 'dark tone', "I'm looking for 3 funny movies" -> 'funny'.
+
+  The part after the request verb ("find", "search for", "looking for", "any", ...) is
+  kept (the whole message when there is none); filler words and counts are dropped.
+  Returns '' when nothing is left.
+  """
+  m = _SEARCH.search(text)
+  rest = m.group(1) if m else text
+  words = [w.strip("'-") for w in _WORD.findall(rest.lower())]
+  return " ".join(w for w in words if w and w not in _FILLER and not w.isdigit())
+
+
+_ORDINALS = {"first": 0, "1st": 0, "second": 1, "2nd": 1, "third": 2, "3rd": 2,
+             "fourth": 3, "4th": 3, "fifth": 4, "5th": 4, "sixth": 5, "6th": 5,
+             "seventh": 6, "7th": 6, "eighth": 7, "8th": 7, "ninth": 8, "9th": 8,
+             "tenth": 9, "10th": 9, "last": -1}
+_NOUN = r"(?:one|item|movie|film|title|book|product|pick|suggestion|recommendation|result)s?"
+_ORD = "|".join(_ORDINALS)
+# "the second (one)", "second one", "number 2", "#2"; not "the first time".
+_ORDINAL_REF = re.compile(
+    rf"\bthe\s+({_ORD})\b(?!\s+(?:time|place|thing)\b)|\b({_ORD})\s+{_NOUN}\b|"
+    rf"(?:\bnumber\s+|\bno\.\s*|#)(\d{{1,2}})\b", re.I)
+_THAT_REF = re.compile(rf"\b(?:that|this)\s+{_NOUN}\b|\babout\s+it\b", re.I)
+
 
 @dataclasses.dataclass
 class SessionConfig:
-  """Knobs of a session (``configs/chat.py`` sets them)."""
+  """Knobs of a session (``configs/chat.py`` sets them).
+
+  Attributes:
+    intents: the fallback intent layer (calls tools when the model did not).
+    model_tools: execute tool calls the model writes.
+  """
 
   k: int = 5
   ranker: str = "cf"
@@ -89,6 +144,10 @@ class ChatSession:
     self.history += [int(i) for i in liked]
     self.messages: list[tuple[str, tuple]] = []
     self.system = tools_lib.system_prompt(served.label)
+    # What the person last saw: the items of the last reply, and of the last reply that
+    # listed several (what "the second one" points into).
+    self.last_items: list[int] = []
+    self.last_list: list[int] = []
     self.last_used = time.monotonic()
     # Two requests on one session id must not interleave their turns.
     self.lock = threading.Lock()
@@ -105,6 +164,21 @@ class ChatSession:
 
   # ------------------------------------------------------------------ one turn
 
+  def references(self, text: str) -> list[int]:
+    """Items ``text`` points at in what was shown: ordinals ("the first one", "the
+    second", "number 3", "the last one") index the last list of several items; "that
+    one" / "this movie" / "about it" is the first item of the last reply."""
+    out: list[int] = []
+    for m in _ORDINAL_REF.finditer(text):
+      word = (m.group(1) or m.group(2) or "").lower()
+      n = _ORDINALS[word] if word else int(m.group(3)) - 1
+      lst = self.last_list or self.last_items
+      if lst and -len(lst) <= n < len(lst):
+        out.append(lst[n])
+    if self.last_items and _THAT_REF.search(text):
+      out.append(self.last_items[0])
+    return list(dict.fromkeys(out))
+
   def _mentions(self, text: str) -> tuple[list[int], catalogue_lib.Resolution | None]:
     items = list(self.catalogue.find_mentions(text))
     for q in _QUOTED.findall(text):
@@ -113,7 +187,13 @@ class ChatSession:
         return items, res
       if res.item is not None and res.item not in items:
         items.append(res.item)
+    items += [i for i in self.references(text) if i not in items]
     return items, None
+
+  def _shown(self, items: Sequence[int]) -> None:
+    self.last_items = [int(i) for i in items]
+    if len(items) > 1:
+      self.last_list = list(self.last_items)
 
   def _prompt(self) -> list[tuple[str, tuple]]:
     """System + as many recent messages as fit ``max_prompt_tokens``."""
@@ -130,28 +210,38 @@ class ChatSession:
     self.messages.append(("assistant", (tools_lib.format_call(call.name, call.arguments)
                                         if not call.error else f"<tool_call>{call.raw}"
                                         "</tool_call>",)))
-    self.messages.append(("tool", self.tools.result_parts(result)))
+    self.messages.append((tools_lib.TOOL_ROLE, self.tools.result_parts(result)))
     record["tool_calls"].append({"by": by, **result.to_json(self.catalogue)})
     return result
 
   def _intents(self, text: str, mentioned: list[int]) -> list[tools_lib.ToolCall]:
-    m = _COUNT.search(text)
+    """The fallback layer's calls for ``text`` ([] when it asks for nothing)."""
+    m = _COUNT.search(_ORDINAL_REF.sub(" ", text))
     k = min(max(int(m.group(1)), 1), tools_lib.MAX_K) if m else self.c.k
+    recommend = tools_lib.ToolCall("recommend", {"history": [int(i) for i in self.history],
+                                                 "k": k})
     if _RECOMMEND.search(text):
-      return [tools_lib.ToolCall("recommend", {"history": [int(i) for i in self.history],
-                                               "k": k})]
+      return [recommend]
     if _DETAILS.search(text) and mentioned:
       return [tools_lib.ToolCall("item_details", {"id": int(i)}) for i in mentioned[:3]]
-    s = _SEARCH.search(text)
-    if s:
-      return [tools_lib.ToolCall("search_items", {"query": s.group(1).strip(" ?.!"), "k": k})]
+    if _SEARCH.search(text):
+      q = search_query(text)
+      # "find me something" says nothing to search for: what the person would like.
+      return [tools_lib.ToolCall("search_items", {"query": q, "k": k}) if q else recommend]
     return []
+
+  def _generate(self, record: dict) -> str:
+    out = self.served.generate(self._prompt(), max_new_tokens=self.c.max_new_tokens,
+                               temperature=self.c.temperature)
+    record["model_text"].append(out)
+    return out
 
   def send(self, text: str) -> dict[str, Any]:
     """One person turn -> the reply record.
 
     Returns:
-      {'reply': str, 'items': [item details named/recommended], 'tool_calls': [...],
+      {'reply': str, 'items': [item details named/recommended], 'tool_calls': [...]
+       (each {'by': 'model' | 'fallback', 'call', 'items', 'text', 'error'}),
        'model_text': [raw generations], 'mentioned': [...], 'ask_back': bool,
        'grounded': bool}.
     """
@@ -169,6 +259,7 @@ class ChatSession:
       self.messages += [("user", (text,)), ("assistant", (reply,))]
       record.update(reply=reply, items=[self.catalogue.details(i) for i in ambiguous.items],
                     ask_back=True)
+      self._shown(ambiguous.items)
       return record
     parts: list = [text]
     if mentioned:
@@ -183,30 +274,33 @@ class ChatSession:
 
     tool_items: list[int] = []
     facts: dict[int, str] = {}
+    ok = False
 
     def run(call, by):
+      nonlocal ok
       res = self._call(call, record, by)
+      ok |= not res.error
       tool_items.extend(res.items)
       if res.call.name == "item_details" and res.items and res.text:
         facts[res.items[0]] = res.text
 
-    if self.c.intents:
-      for call in self._intents(text, mentioned):
-        run(call, "intent")
-    reply = ""
-    for _ in range(self.c.max_tool_rounds + 1):
-      out = self.served.generate(self._prompt(), max_new_tokens=self.c.max_new_tokens,
-                                 temperature=self.c.temperature)
-      record["model_text"].append(out)
+    # The model first: its own calls, their results (or errors) fed back, up to
+    # max_tool_rounds; then the fallback layer if none of its calls succeeded.
+    out = self._generate(record)
+    for _ in range(self.c.max_tool_rounds):
       calls = tools_lib.parse_tool_calls(out) if self.c.model_tools else []
       if not calls:
-        reply = out
         break
       for call in calls[:3]:
         run(call, "model")
-    else:
-      reply = tools_lib.strip_tool_calls(out)
-    reply = dedupe_sentences(tools_lib.strip_tool_calls(reply))
+      out = self._generate(record)
+    if not ok and self.c.intents:
+      fallback = self._intents(text, mentioned)
+      for call in fallback:
+        run(call, "fallback")
+      if fallback:
+        out = self._generate(record)
+    reply = dedupe_sentences(tools_lib.strip_tool_calls(out))
     model_reply = reply
     named = self.catalogue.find_mentions(reply, min_words=1)
     missing = [i for i in dict.fromkeys(tool_items) if i not in named]
@@ -221,5 +315,7 @@ class ChatSession:
     # (the tool turn already gave the model those items), and a small model would parrot them.
     self.messages.append(("assistant", (model_reply,)))
     items = list(dict.fromkeys(named + missing))
+    if items:
+      self._shown(items)
     record.update(reply=reply, items=[self.catalogue.details(i) for i in items])
     return record

@@ -1,15 +1,22 @@
 """Tools the chat model may call, the call syntax, and a robust executor.
 
-SmolLM2's chat template has no tool support, so the convention is spelled out in the
-system prompt (``system_prompt``): the assistant writes
+The GGUF chat template of SmolLM2-135M-Instruct has no tool support (it renders any role
+as ``<|im_start|>ROLE\\n...<|im_end|>``), but SmolLM2 was trained on function calling in
+one fixed style, which ``system_prompt`` follows: the system message lists the tools as
+JSON schemas inside ``<tools>...</tools>`` and asks for calls as a JSON list
 
-  <tool_call>{"name": "recommend", "arguments": {"history": ["Heat"], "k": 3}}</tool_call>
+  <tool_call>[{"name": "recommend", "arguments": {"k": 3}}]</tool_call>
 
-and the result comes back as a ``tool`` turn (the template renders any role) listing
-items by title, each followed by its K item tokens. Every malformed call -- bad JSON,
-unknown tool, wrong or missing arguments, unknown items -- is answered with an error
-message in the tool turn (``ToolResult.error``) that names what was wrong and the valid
-form, so the model can retry; nothing here raises on model output.
+(``[]`` when no tool is needed); results come back in a user turn wrapped in
+``<tool_response>...</tool_response>`` (``tool_turn``), listing items by title, each
+followed by its K item tokens. The Phase 2 ``tool_call`` task trains on exactly these
+strings (``data.phase2``), so the system prompt, ``format_call`` and ``tool_turn`` are
+the one definition of the format.
+
+Every malformed call -- bad JSON, unknown tool, wrong or missing arguments, unknown
+items -- is answered with an error message in the tool turn (``ToolResult.error``) that
+names what was wrong and the valid form, so the model can retry; nothing here raises on
+model output.
 """
 
 from __future__ import annotations
@@ -22,30 +29,38 @@ from typing import Any
 
 from ilm_jax.data import prompts as P
 
+# name -> description and {argument: type}. Kept short: the system prompt carrying them
+# is part of every Phase 2 tool_call sample (T = 320 tokens).
 TOOLS: dict[str, dict[str, Any]] = {
-    "search_items": {
-        "description": "text search over catalogue titles and descriptions",
-        "arguments": {"query": "string", "k": "integer 1-20 (optional, default 5)"}},
-    "recommend": {
-        "description": "items to recommend after a history (history items excluded)",
-        "arguments": {"history": "list of titles or item ids (optional: the conversation's)",
-                      "k": "integer 1-20 (optional, default 5)"}},
-    "item_details": {
-        "description": "title, description and attributes of one item",
-        "arguments": {"id": "an item id or title"}},
+    "search_items": {"description": "Search the catalogue by words (genre, mood, title).",
+                     "arguments": {"query": "str", "k": "int"}},
+    "recommend": {"description": "Recommend items after the liked items (default: the "
+                                 "person's).", "arguments": {"k": "int", "history": "list"}},
+    "item_details": {"description": "Describe one item.", "arguments": {"id": "str"}},
 }
 MAX_K = 20
+TOOL_ROLE = "user"   # SmolLM2's function-calling convention: results come in a user turn
+RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>\n", "\n</tool_response>"
 _CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
+# A 135M model sometimes drops the tags: a reply that *starts* with a call object/list.
+_BARE = re.compile(r'^\s*(?:```(?:json)?\s*)?(\[\s*\{\s*"name"|\{\s*"name")', re.S)
+
+
+def tool_schemas() -> list[dict[str, Any]]:
+  """The tools as function schemas, APIGen style (what ``<tools>`` lists)."""
+  return [{"name": n, "description": s["description"],
+           "parameters": {a: {"type": t} for a, t in s["arguments"].items()}}
+          for n, s in TOOLS.items()]
 
 
 def system_prompt(label: str) -> str:
-  """The system message: role, item-token convention and the tool-call syntax."""
-  specs = "\n".join(f"- {n}({', '.join(f'{a}: {t}' for a, t in s['arguments'].items())}): "
-                    f"{s['description']}" for n, s in TOOLS.items())
-  return (f"You are a helpful recommender for the {label} catalogue. Items appear as a title "
-          "followed by its item tokens. Only recommend catalogue items. To use a tool, write "
-          '<tool_call>{"name": NAME, "arguments": {...}}</tool_call>; the result comes back '
-          f"in a tool message. Tools:\n{specs}")
+  """The system message: role, item-token convention, tools and call syntax (SmolLM2's
+  function-calling style; identical in Phase 2 training and serving)."""
+  return (f"You recommend {label} catalogue items; an item is its title and item tokens. "
+          "You have access to these tools:\n<tools>" + json.dumps(tool_schemas()) +
+          "</tools>\nTo call tools, output only "
+          '<tool_call>[{"name": "func_name", "arguments": {"arg": "value"}}]</tool_call>'
+          "\nResults come back in <tool_response>. If no tool is needed, answer directly.")
 
 
 @dataclasses.dataclass
@@ -78,37 +93,97 @@ class ToolResult:
             "text": self.text, "error": self.error}
 
 
+def format_calls(calls: Sequence[tuple[str, dict[str, Any]]]) -> str:
+  """``<tool_call>[{"name": ..., "arguments": {...}}, ...]</tool_call>`` (SmolLM2 style)."""
+  body = ", ".join(json.dumps({"name": n, "arguments": a}) for n, a in calls)
+  return f"<tool_call>[{body}]</tool_call>"
+
+
 def format_call(name: str, arguments: dict[str, Any]) -> str:
-  return f"<tool_call>{json.dumps({'name': name, 'arguments': arguments})}</tool_call>"
+  return format_calls([(name, arguments)])
+
+
+_FORM = '{"name": ..., "arguments": {...}}'
+
+
+def _one_call(obj: Any, raw: str) -> ToolCall:
+  if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+    return ToolCall("", {}, raw, f'a tool call is a JSON object {_FORM} with a "name" string '
+                                 'and an "arguments" object')
+  args = obj.get("arguments", obj.get("parameters", {}))
+  if isinstance(args, str):   # OpenAI style: arguments as a JSON string
+    try:
+      args = json.loads(args)
+    except json.JSONDecodeError:
+      pass
+  if args is None:
+    args = {}
+  if not isinstance(args, dict):
+    return ToolCall(obj["name"], {}, raw, '"arguments" must be a JSON object')
+  return ToolCall(obj["name"], args, raw)
+
+
+def _decode(raw: str) -> tuple[list[ToolCall], int]:
+  """Calls in the JSON value that ``raw`` starts with (an object or a list of objects) and
+  where that value ends; trailing text after it is ignored."""
+  body = raw.strip()
+  fence = re.match(r"```(?:json)?\s*", body)
+  if fence:
+    body = body[fence.end():]
+  try:
+    obj, end = json.JSONDecoder().raw_decode(body)
+  except json.JSONDecodeError as e:
+    return [ToolCall("", {}, raw, f"the tool call is not valid JSON ({e.msg} at char {e.pos});"
+                                  f" write [{_FORM}]")], len(raw)
+  end += len(raw) - len(raw.lstrip()) + (fence.end() if fence else 0)
+  if isinstance(obj, list):
+    return [_one_call(o, raw) for o in obj], end
+  return [_one_call(obj, raw)], end
 
 
 def parse_tool_calls(text: str) -> list[ToolCall]:
-  """Every ``<tool_call>...`` in ``text`` (an unterminated last one too); malformed ones
-  come back with ``error`` set."""
-  calls = []
-  for m in _CALL.finditer(text):
-    raw = m.group(1).strip()
-    try:
-      obj = json.loads(raw)
-    except json.JSONDecodeError as e:
-      calls.append(ToolCall("", {}, raw, f"the tool call is not valid JSON ({e.msg} at "
-                                          f"char {e.pos}); write "
-                                          '{"name": ..., "arguments": {...}}'))
-      continue
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-      calls.append(ToolCall("", {}, raw, 'a tool call is a JSON object with a "name" string '
-                                         'and an "arguments" object'))
-      continue
-    args = obj.get("arguments", {})
-    if not isinstance(args, dict):
-      calls.append(ToolCall(obj["name"], {}, raw, '"arguments" must be a JSON object'))
-      continue
-    calls.append(ToolCall(obj["name"], args, raw))
+  """Every call in ``text``: each ``<tool_call>...`` block (an unterminated last one too)
+  holds one call object or a list of them (``[]`` = no call); without any tag, a reply
+  that starts with a call object or list counts too. Malformed calls come back with
+  ``error`` set; plain text gives []."""
+  calls: list[ToolCall] = []
+  blocks = [m.group(1) for m in _CALL.finditer(text)]
+  if not blocks and _BARE.match(text):
+    blocks = [text]
+  for raw in blocks:
+    calls += _decode(raw.strip())[0]
   return calls
 
 
 def strip_tool_calls(text: str) -> str:
+  """``text`` without its tool calls (tagged blocks, or a leading bare call)."""
+  if "<tool_call>" not in text and _BARE.match(text):
+    _, end = _decode(text)
+    text = text[end:].lstrip().removeprefix("```")
   return _CALL.sub("", text).strip()
+
+
+def response_parts(name: str, items: Sequence[tuple[str, int]] = (), text: str = "",
+                   error: str = "") -> tuple:
+  """The content of the turn that answers a call: ``<tool_response>`` + "NAME result:"
+  and the items, each its display name followed by its item slot (K soft tokens), then
+  ``text`` -- or the error message.
+
+  Args:
+    name: the tool called ('' for an unparseable call).
+    items: (display name, item index) best first.
+    text: facts (item_details) or a note ("nothing matches").
+    error: what was wrong with the call (then ``items``/``text`` are ignored).
+  """
+  if error:
+    return (f"{RESPONSE_OPEN}error: {error}{RESPONSE_CLOSE}",)
+  parts: list = [f"{RESPONSE_OPEN}{name or 'tool'} result:"]
+  for n, (title, i) in enumerate(items):
+    parts += [("," if n else "") + " " + title, P.Slot(P.ITEM, i)]
+  if text:
+    parts.append(" " + text)
+  parts.append(RESPONSE_CLOSE)
+  return tuple(parts)
 
 
 class Toolbox:
@@ -124,6 +199,8 @@ class Toolbox:
 
   def _k(self, args: dict[str, Any]) -> int:
     k = args.get("k", 5)
+    if isinstance(k, str) and k.strip().isdigit():   # "3": a small model's quoting
+      k = int(k)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
       raise ValueError(f'"k" must be an integer in 1..{MAX_K}, got {k!r}')
     return k
@@ -177,7 +254,9 @@ class Toolbox:
           hist = [self.item_ref(h) for h in hist]
         recs = self.served.recommend(hist, self._k(args), ranker=self.ranker)
         return ToolResult(call, [i for i, _ in recs])
-      i = self.item_ref(args.get("id"))
+      if "id" not in args:
+        raise ValueError('item_details needs "id": an item title or id')
+      i = self.item_ref(args["id"])
       d = self.catalogue.details(i)
       facts = "; ".join(x for x in (d["text"], ", ".join(d["attributes"])) if x)
       return ToolResult(call, [i], facts)
@@ -186,14 +265,8 @@ class Toolbox:
       return ToolResult(call, error=f"{call.name}: {msg}")
 
   def result_parts(self, result: ToolResult) -> tuple:
-    """The tool turn's content: titles each followed by an item slot (their tokens)."""
-    name = result.call.name or "tool"
-    if result.error:
-      return (f"error: {result.error}",)
-    parts: list = [f"{name} result:"]
-    for n, i in enumerate(result.items):
-      parts += [("," if n else "") + " " + P.item_name(self.catalogue.display(i), ""),
-                P.Slot(P.ITEM, i)]
-    if result.text:
-      parts.append(" " + result.text)
-    return tuple(parts)
+    """The tool turn's content (``response_parts``) for ``result``."""
+    cat = self.catalogue
+    return response_parts(result.call.name,
+                          [(P.item_name(cat.display(i), ""), i) for i in result.items],
+                          result.text, result.error)
