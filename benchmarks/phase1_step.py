@@ -1,7 +1,7 @@
 r"""Phase 1 train-step throughput: examples/s, step time, FLOP/s vs the machine's matmul ceiling.
 
   .venv/bin/python benchmarks/phase1_step.py [--sizes=tiny,default,paper] [--batch=N]
-      [--text_len=48] [--repeats=3] [--out=FILE]
+      [--text_len=48] [--repeats=3] [--parts=step,encoder,hf] [--torch_python=PY] [--out=FILE]
 
 Sizes (random-init weights; shapes are what matter):
   tiny     2 layers, 64 wide, 4 heads, K=4            (configs/phase1.py:tiny)
@@ -16,16 +16,24 @@ measured before the first size and again after each one; the fraction uses the h
 ceiling seen so far (a loaded machine otherwise gives fractions above 100%).
 Peak memory is the process's peak RSS after the size ran (CPU) — it includes earlier sizes.
 
-If PyTorch and transformers are importable, HF BLIP-2's Q-Former forward+backward is timed
-at the same size (text + query tokens); otherwise that column says why it was skipped.
+``encoder`` part: our Q-Former's joint pass (``[K queries ; text]``, cross-attention to one
+memory token every 2nd layer) forward+backward into every parameter, no heads or optimizer.
+``hf`` part: the same computation in Hugging Face transformers' ``Blip2QFormerModel``
+(``benchmarks/phase1_step_torch.py``), run in a separate process with PyTorch — the current
+python if it has torch, else ``--torch_python=PATH`` (a separate environment: torch is never a
+dependency of ilm_jax) — after our timings, with the same thread count; otherwise the row
+says why it was skipped. Both report examples/s = batch / (forward+backward seconds) and the
+ratio ours/HF.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -100,34 +108,60 @@ def bench_size(name: str, batch: int, text_len: int, repeats: int) -> dict:
   return out
 
 
-def bench_hf_blip2(name: str, batch: int, text_len: int, repeats: int) -> dict:
-  """HF BLIP-2 Q-Former forward+backward at the same size, if torch is installed."""
-  try:
-    import torch  # noqa: PLC0415  (benchmark-only, never a runtime dependency)
-    from transformers import Blip2QFormerConfig, Blip2QFormerModel  # noqa: PLC0415
-  except ImportError as e:
-    return {"hf_skipped": f"{type(e).__name__}: {e}"}
-  s = SIZES[name]
-  cfg = Blip2QFormerConfig(hidden_size=s["hidden_size"], num_hidden_layers=s["num_layers"],
-                           num_attention_heads=s["num_heads"],
-                           intermediate_size=s["intermediate_size"],
-                           encoder_hidden_size=s["hidden_size"])
-  model = Blip2QFormerModel(cfg)
-  query = torch.randn(batch, s["num_query_tokens"] + text_len, s["hidden_size"],
-                      requires_grad=True)
-  memory = torch.randn(batch, 1, s["hidden_size"])
+def bench_encoder(name: str, batch: int, text_len: int, repeats: int) -> dict:
+  """Our Q-Former's joint pass forward+backward: the computation HF BLIP-2 is timed on.
 
-  def fwd_bwd():
-    out = model(query_embeds=query, encoder_hidden_states=memory).last_hidden_state
-    out.sum().backward()
+  ``[K queries ; text]`` through every layer (queries cross-attend to one memory token every
+  2nd layer), loss = sum of the last hidden state float[B, K+L, H], gradients of every
+  Q-Former parameter (word embeddings included). No heads, no optimizer: see
+  ``benchmarks/phase1_step_torch.py`` for the matching HF module.
+  """
+  cfg = qformer_lib.QFormerConfig(vocab_size=tokenization.vocab_size(), cf_dim=CF_DIM,
+                                  dec_token_id=tokenization.dec_token_id(), **SIZES[name])
+  graphdef, params, rest = nnx.split(qformer_lib.QFormer(cfg, rngs=nnx.Rngs(0)), nnx.Param,
+                                     ...)
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1000, 29000, size=(batch, text_len)).astype(np.int32)
+  memory = jnp.asarray(rng.normal(size=(batch, 1, cfg.hidden_size)).astype(np.float32))
+  valid = jnp.ones((batch, text_len), bool)
 
-  fwd_bwd()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fwd_bwd()
-    times.append(time.perf_counter() - t0)
-  return {"hf_fwd_bwd_s": float(np.median(times))}
+  def loss(params, rest, memory, ids, valid):
+    return nnx.merge(graphdef, params, rest).joint_pass(memory, ids, valid).sum()
+
+  step = jax.jit(jax.value_and_grad(loss))
+  compiled = step.lower(params, rest, memory, jnp.asarray(ids), valid).compile()
+  flops = _flops(compiled)
+  run = functools.partial(compiled, params, rest, memory, jnp.asarray(ids), valid)
+  seconds = benchmarking.time_fn(run, warmup=1, repeats=repeats)
+  return {"enc_fwd_bwd_s": seconds, "enc_examples_per_s": batch / seconds,
+          "enc_gflop": flops / 1e9, "enc_gflops": flops / seconds / 1e9}
+
+
+def bench_hf_blip2(name: str, batch: int, text_len: int, repeats: int,
+                   torch_python: str, threads: list[int]) -> dict:
+  """HF BLIP-2 Q-Former forward+backward (``phase1_step_torch.py``) in ``torch_python``.
+
+  A separate process per thread count (PyTorch is never imported next to ilm_jax), run
+  after our timings, never concurrently with them. The fastest thread count is reported
+  (the conservative comparison: PyTorch's OpenMP pool slows down badly when the cores are
+  shared with other jobs, XLA's pool much less); every count's result is kept under
+  ``hf_by_threads``.
+  """
+  if not torch_python:
+    if importlib.util.find_spec("torch") is None:
+      return {"hf_skipped": "torch is not importable here and --torch_python is not set"}
+    torch_python = sys.executable
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "phase1_step_torch.py")
+  results = []
+  for t in threads:
+    cmd = [torch_python, script, f"--size={name}", f"--batch={batch}",
+           f"--text_len={text_len}", f"--repeats={repeats}", f"--threads={t}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+      return {"hf_skipped": f"{' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}"}
+    results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+  best = min(results, key=lambda r: r["hf_fwd_bwd_s"])
+  return best | {"hf_by_threads": {r["threads"]: r["hf_fwd_bwd_s"] for r in results}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,8 +171,16 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--text_len", type=int, default=48)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--ceiling_n", type=int, default=2048)
+  p.add_argument("--parts", default="step,encoder,hf",
+                  help="step: the two train steps; encoder: our joint pass fwd+bwd; hf: HF "
+                       "BLIP-2's (needs torch here or --torch_python)")
+  p.add_argument("--torch_python", default="",
+                 help="a python with torch + transformers for the hf part (not our venv)")
+  p.add_argument("--hf_threads", default=str(os.cpu_count()),
+                 help="comma-separated torch thread counts to try; the fastest is reported")
   p.add_argument("--out", default="")
   args = p.parse_args(argv)
+  parts = set(args.parts.split(","))
 
   load = os.getloadavg()
   ceiling = benchmarking.measure_matmul_ceiling(n=args.ceiling_n)
@@ -147,21 +189,43 @@ def main(argv: list[str] | None = None) -> int:
         f"(f32 {args.ceiling_n}^2)", flush=True)
   rows = []
   for name in args.sizes.split(","):
-    r = bench_size(name, args.batch, args.text_len, args.repeats)
-    r |= bench_hf_blip2(name, args.batch, args.text_len, args.repeats)
+    r = {"size": name, "load_before": os.getloadavg()}
+    if "step" in parts:
+      r |= bench_size(name, args.batch, args.text_len, args.repeats)
+    if "encoder" in parts:
+      r |= bench_encoder(name, args.batch, args.text_len, args.repeats)
     # On a shared machine the ceiling moves with the load: measure it again right after the
     # size and compare with the larger of the two (the conservative fraction).
     again = benchmarking.measure_matmul_ceiling(n=args.ceiling_n)
     ceiling = max(ceiling, again, key=lambda c: c["gflops"])
     r["ceiling_gflops"] = ceiling["gflops"]
-    r["ceiling_fraction"] = r["gflops"] / ceiling["gflops"]
+    if "hf" in parts:  # after our timings and the ceiling, never concurrently with them
+      r |= bench_hf_blip2(name, args.batch, args.text_len, args.repeats, args.torch_python,
+                          [int(t) for t in args.hf_threads.split(",")])
+    r["load_after"] = os.getloadavg()
     rows.append(r)
-    print(f"{name:8s} params {r['params'] / 1e6:6.1f}M  item_text {r['item_text_step_s']:.3f}s "
+    line = [f"{name:8s} load {r['load_before'][0]:.1f}->{r['load_after'][0]:.1f}"]
+    if "step" in parts:
+      r["ceiling_fraction"] = r["gflops"] / ceiling["gflops"]
+      line.append(
+          f"params {r['params'] / 1e6:.1f}M  item_text {r['item_text_step_s']:.3f}s "
           f"({r['item_text_gflops']:.1f} GFLOP/s)  item_item {r['item_item_step_s']:.3f}s  "
           f"examples/s {r['examples_per_s']:.1f}  {r['gflops']:.1f} GFLOP/s = "
-          f"{100 * r['ceiling_fraction']:.0f}% of ceiling  peak RSS {r['peak_rss_gib']:.2f} GiB"
-          + (f"  HF BLIP-2 fwd+bwd {r['hf_fwd_bwd_s']:.3f}s" if "hf_fwd_bwd_s" in r
-             else f"  (HF skipped: {r.get('hf_skipped', '')})"), flush=True)
+          f"{100 * r['ceiling_fraction']:.0f}% of ceiling  peak RSS {r['peak_rss_gib']:.2f} GiB")
+    if "encoder" in parts:
+      r["enc_ceiling_fraction"] = r["enc_gflops"] / ceiling["gflops"]
+      line.append(f"joint pass fwd+bwd: ours {r['enc_fwd_bwd_s']:.3f}s "
+                  f"= {r['enc_examples_per_s']:.1f} examples/s ({r['enc_gflops']:.1f} GFLOP/s "
+                  f"= {100 * r['enc_ceiling_fraction']:.0f}% of ceiling)")
+    if "hf_fwd_bwd_s" in r:
+      line.append(f"HF BLIP-2 {r['hf_fwd_bwd_s']:.3f}s = {r['hf_examples_per_s']:.1f} examples/s "
+                  f"({r['threads']} threads; by threads {r['hf_by_threads']})")
+      if "enc_fwd_bwd_s" in r:
+        r["speedup_vs_hf"] = r["hf_fwd_bwd_s"] / r["enc_fwd_bwd_s"]
+        line.append(f"ours/HF throughput {r['speedup_vs_hf']:.2f}x")
+    elif "hf" in parts:
+      line.append(f"(HF skipped: {r.get('hf_skipped', '')})")
+    print("  ".join(line), flush=True)
   load_after = os.getloadavg()
   result = {"ceiling": ceiling, "load_before": load, "load_after": load_after,
             "devices": [str(d) for d in jax.devices()], "rows": rows}
