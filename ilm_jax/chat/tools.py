@@ -32,11 +32,11 @@ from ilm_jax.data import prompts as P
 # name -> description and {argument: type}. Kept short: the system prompt carrying them
 # is part of every Phase 2 tool_call sample (T = 320 tokens).
 TOOLS: dict[str, dict[str, Any]] = {
-    "search_items": {"description": "Search the catalogue by words (genre, mood, title).",
-                     "arguments": {"query": "str", "k": "int"}},
-    "recommend": {"description": "Recommend items after the liked items (default: the "
-                                 "person's).", "arguments": {"k": "int", "history": "list"}},
-    "item_details": {"description": "Describe one item.", "arguments": {"id": "str"}},
+    "search_items": {"description": "Search items by words", "arguments": {"query": "str",
+                                                                           "k": "int"}},
+    "recommend": {"description": "Recommend items for the liked ones",
+                  "arguments": {"k": "int", "history": "list"}},
+    "item_details": {"description": "Describe an item", "arguments": {"id": "str"}},
 }
 MAX_K = 20
 TOOL_ROLE = "user"   # SmolLM2's function-calling convention: results come in a user turn
@@ -56,11 +56,10 @@ def tool_schemas() -> list[dict[str, Any]]:
 def system_prompt(label: str) -> str:
   """The system message: role, item-token convention, tools and call syntax (SmolLM2's
   function-calling style; identical in Phase 2 training and serving)."""
-  return (f"You recommend {label} catalogue items; an item is its title and item tokens. "
-          "You have access to these tools:\n<tools>" + json.dumps(tool_schemas()) +
-          "</tools>\nTo call tools, output only "
+  return (f"You recommend {label} items. You have access to these tools:\n<tools>" +
+          json.dumps(tool_schemas()) + "</tools>\nTo call tools, output only "
           '<tool_call>[{"name": "func_name", "arguments": {"arg": "value"}}]</tool_call>'
-          "\nResults come back in <tool_response>. If no tool is needed, answer directly.")
+          "\nIf no tool is needed, answer directly.")
 
 
 @dataclasses.dataclass

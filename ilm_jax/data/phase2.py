@@ -54,6 +54,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from ilm_jax.chat import tools as chat_tools
 from ilm_jax.data import pipeline
 from ilm_jax.data import prompts as P
 from ilm_jax.data.types import RecDataset, Split
@@ -66,7 +67,7 @@ _KIND = {P.ITEM: SLOT_ITEM, P.USER: SLOT_USER}
 MAX_HISTORY = 20  # OpenP5: last 20 items
 DEFAULT_WEIGHTS = {"sequential": 1.0, "straightforward": 0.5, "describe": 0.1,
                    "attributes": 0.1, "compare": 0.1, "taste": 0.1, "reason": 0.1,
-                   "multiturn": 0.1}
+                   "multiturn": 0.1, "tool_call": 0.02}
 EXAMPLE_KEYS = ("input_ids", "attn_mask", "loss_mask", "slot_ids", "slot_kind", "slot_pos",
                 "target_item", "user", "task", "template")
 
@@ -535,6 +536,50 @@ def _turns_reason(ds, f, hist, target):
   return [P.Turn("user", q), P.Turn("assistant", (a,))]
 
 
+_TOOL_RECOMMEND = ("Can you recommend something for me?", "What should I watch next?",
+                   "Recommend {n} more.", "Suggest {n} more like these.",
+                   "What else would I enjoy?")
+_TOOL_SEARCH = ("Find me something {v}.", "Search for {v}.", "I'm looking for something {v}.",
+                "Do you have anything {v}?", "Show me {v} {noun}s.")
+_TOOL_DETAILS = ("Can you look up {t}?", "Give me the details of {t}.",
+                 "Look up {t} in the catalogue.")
+
+
+def _turns_tool_call(ds, f, rng, liked, label):
+  """A person who liked ``liked`` (train items, shown as the chat session shows mentions:
+  "(items: title + soft tokens)") asks for something; the answer is the tool call, in the
+  chat session's format (``chat.tools``: its system prompt, ``format_call``):
+  recommend ("recommend 3 more" -> k), search_items (an attribute value of a liked item
+  as the query) or item_details (a liked item by its short title)."""
+  names = [P.item_name(ds.item_titles[i], ds.item_tokens[i]) for i in liked]
+  if sum(len(n.split()) for n in names) > 12:   # long (Amazon) titles: one, to fit T
+    liked, names = liked[-1:], names[-1:]
+  kind = ("recommend", "search_items", "item_details")[rng.choice(3, p=[0.4, 0.35, 0.25])]
+  values = [v for k in f.keys for v in f.values[k][liked[-1]]]
+  if kind == "search_items" and not values:
+    kind = "recommend"
+  if kind == "recommend":
+    n = int(rng.integers(2, 8))
+    ask = _TOOL_RECOMMEND[rng.integers(len(_TOOL_RECOMMEND))]
+    args = {"k": n} if "{n}" in ask else {}
+    ask = f"I liked {P.join_list(names)}. " + ask.format(n=n)
+  elif kind == "search_items":
+    v = re.sub(r"^(a|an|the)\s+", "", values[rng.integers(len(values))].lower())
+    ask = f"I liked {P.join_list(names)}. " + _TOOL_SEARCH[
+        rng.integers(len(_TOOL_SEARCH))].format(v=v, noun=f.noun)
+    args = {"query": v}
+  else:
+    ask = _TOOL_DETAILS[rng.integers(len(_TOOL_DETAILS))].format(t=names[-1])
+    liked, names = liked[-1:], names[-1:]
+    args = {"id": names[0]}
+  q: list = [ask, " (items:"]
+  for n, i in enumerate(liked):
+    q += [("," if n else "") + " " + names[n], P.Slot(P.ITEM, int(i))]
+  q.append(")")
+  return [P.Turn("system", (chat_tools.system_prompt(label),)), P.Turn("user", tuple(q)),
+          P.Turn("assistant", (chat_tools.format_call(kind, args),))]
+
+
 def conversational_samples(ds: RecDataset, split: Split, task: str, count: int, *, seed: int,
                            max_history: int = 10, max_words: int = 48) -> list[P.Sample]:
   """``count`` grounded chat samples of ``task`` from train sequences only.
@@ -548,7 +593,9 @@ def conversational_samples(ds: RecDataset, split: Split, task: str, count: int, 
     reason: target = train item t, history = the ``max_history`` items before it, the
       reason = the attributes it shares with the most similar recent history item;
     multiturn: describe/attributes of an item, then a comparison with the next one
-      (2-3 turns; every assistant turn is an answer).
+      (2-3 turns; every assistant turn is an answer);
+    tool_call: with the chat session's tools system prompt, a request about one or two
+      liked train items answered by a tool call (``_turns_tool_call``).
   """
   if task not in P.CONVERSATIONAL_TASKS:
     raise ValueError(f"task {task!r}; valid: {P.CONVERSATIONAL_TASKS}")
@@ -574,6 +621,9 @@ def conversational_samples(ds: RecDataset, split: Split, task: str, count: int, 
     elif task == "reason":
       target = b
       turns = _turns_reason(ds, f, seq[max(0, t - max_history):t], b)
+    elif task == "tool_call":
+      turns = _turns_tool_call(ds, f, rng, [int(i) for i in seq[max(0, t - 1):t + 1]],
+                               P.dataset_label(ds.name))
     else:
       first = (_turns_describe(ds, f, rng, a, max_words) if rng.random() < 0.5
                else _turns_attributes(ds, f, rng, a))

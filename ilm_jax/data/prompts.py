@@ -93,8 +93,9 @@ class Sample:
   template: int = -1
 
 
+# Append only: a task's id (its index) is stored in built examples and seeds its sampler.
 TASKS = ("sequential", "straightforward", "describe", "attributes", "compare", "taste",
-         "reason", "multiturn")
+         "reason", "multiturn", "tool_call")
 OPENP5_TASKS = TASKS[:2]
 CONVERSATIONAL_TASKS = TASKS[2:]
 TASK_ID = {t: i for i, t in enumerate(TASKS)}
