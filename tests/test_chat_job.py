@@ -32,6 +32,11 @@ def test_scripted_chat_from_an_adapter_export(tmp_path):
   assert '[tool call by fallback] recommend({"history": [3, 10], "k": 3})' in text
   assert "[tool result] " + "; ".join(f"#{i} {ds.item_titles[i]}" for i in want) in text
   assert "[tool call by fallback] item_details" in text
+  # Each call is shown after the model output it followed: the fallback's recommend
+  # after the model's first (call-less) output, before the answer written on its result.
+  turn2 = text.split("person: recommend 3 more")[1].split("person:")[0]
+  assert turn2.index("[model output 1]") < turn2.index("[tool call by fallback] recommend") \
+      < turn2.index("[model output 2]") < turn2.index("assistant:")
   logged = [json.loads(x) for x in (tmp_path / "wd/chat/transcript.jsonl").read_text()
             .splitlines()]
   assert [x["person"] for x in logged] == [r["person"] for r in records]

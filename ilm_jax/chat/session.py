@@ -211,7 +211,9 @@ class ChatSession:
                                         if not call.error else f"<tool_call>{call.raw}"
                                         "</tool_call>",)))
     self.messages.append((tools_lib.TOOL_ROLE, self.tools.result_parts(result)))
-    record["tool_calls"].append({"by": by, **result.to_json(self.catalogue)})
+    # after_output: how many model outputs came before the call (the transcript's order).
+    record["tool_calls"].append({"by": by, "after_output": len(record["model_text"]),
+                                 **result.to_json(self.catalogue)})
     return result
 
   def _intents(self, text: str, mentioned: list[int]) -> list[tools_lib.ToolCall]:
@@ -241,7 +243,8 @@ class ChatSession:
 
     Returns:
       {'reply': str, 'items': [item details named/recommended], 'tool_calls': [...]
-       (each {'by': 'model' | 'fallback', 'call', 'items', 'text', 'error'}),
+       (each {'by': 'model' | 'fallback', 'after_output', 'call', 'items', 'text',
+       'error'}),
        'model_text': [raw generations], 'mentioned': [...], 'ask_back': bool,
        'grounded': bool}.
     """

@@ -17,7 +17,9 @@ from ilm_jax.chat import session as session_lib
 def session_config(config: ml_collections.ConfigDict) -> session_lib.SessionConfig:
   return session_lib.SessionConfig(
       k=int(config.k), ranker=str(config.ranker), max_new_tokens=int(config.max_new_tokens),
-      temperature=float(config.temperature), intents=bool(config.intents))
+      temperature=float(config.temperature), intents=bool(config.intents),
+      model_tools=bool(config.get("model_tools", True)),
+      max_tool_rounds=int(config.get("max_tool_rounds", 2)))
 
 
 def load_served(config: ml_collections.ConfigDict, workdir: str) -> model_lib.ServedModel:
@@ -47,20 +49,26 @@ def load_served(config: ml_collections.ConfigDict, workdir: str) -> model_lib.Se
 
 
 def format_turn(text: str, record: dict) -> str:
-  """A transcript entry: the person, tool calls (who made them), the reply."""
+  """A transcript entry: the person; the model's outputs, each followed by the tool calls
+  after it and who made them ('model': parsed from that output; 'fallback': the intent
+  layer); the reply."""
   lines = [f"person: {text}"]
-  for c in record["tool_calls"]:
-    call = c["call"]
-    lines.append(f"  [tool call by {c['by']}] {call['name'] or '?'}"
-                 f"({json.dumps(call['arguments'])})")
-    if c["error"]:
-      lines.append(f"  [tool error] {c['error']}")
-    else:
-      lines.append("  [tool result] " + "; ".join(
-          f"#{it['id']} {it['title']}" for it in c["items"]) + (f" | {c['text']}"
-                                                                if c["text"] else ""))
-  if record["model_text"]:
-    lines.append(f"  [model] {record['model_text'][-1]!r}")
+  outputs = record["model_text"]
+  for n in range(len(outputs) + 1):
+    if n:
+      lines.append(f"  [model output {n}] {outputs[n - 1]!r}")
+    for c in record["tool_calls"]:
+      if c.get("after_output", len(outputs)) != n:
+        continue
+      call = c["call"]
+      lines.append(f"  [tool call by {c['by']}] {call['name'] or '?'}"
+                   f"({json.dumps(call['arguments'])})")
+      if c["error"]:
+        lines.append(f"  [tool error] {c['error']}")
+      else:
+        lines.append("  [tool result] " + "; ".join(
+            f"#{it['id']} {it['title']}" for it in c["items"]) + (f" | {c['text']}"
+                                                                  if c["text"] else ""))
   lines.append(f"assistant: {record['reply']}")
   return "\n".join(lines)
 
