@@ -60,6 +60,10 @@ def test_parse_tool_calls(text, want):
       tools.strip_tool_calls(text)
 
 
+def test_replies_lose_echoed_tool_response_tags():
+  assert tools.strip_tool_calls("<tool_response>\nA, B\n</tool_response> Enjoy") == "A, B Enjoy"
+
+
 def test_system_prompt_lists_the_tools_in_smollm2_style():
   s = tools.system_prompt("ML1M")
   listed = json.loads(re.search(r"<tools>(.*)</tools>", s, re.S).group(1))
@@ -112,6 +116,20 @@ def test_a_failed_model_call_is_answered_then_the_fallback_helps(served, monkeyp
   assert "1..20" in r["tool_calls"][0]["error"] and r["tool_calls"][1]["items"]
   err = cs.messages[2][1][0]
   assert err.startswith("<tool_response>\nerror: recommend:") and "1..20" in err
+
+
+def test_tool_examples_come_before_the_conversation_only_in_the_prompt(served, monkeypatch):
+  seen = _scripted(served, monkeypatch, ["Hello!"])
+  cs = session.ChatSession(served, session.SessionConfig(tool_examples=True, intents=False))
+  cs.send("hi")
+  roles = [m[0] for m in seen[0]]
+  n = len(tools.EXAMPLES)
+  assert roles == ["system"] + ["user", "assistant"] * n + ["user"]
+  for (ask, call), (u, a) in zip(tools.EXAMPLES, zip(seen[0][1:-1:2], seen[0][2::2],
+                                                      strict=True), strict=True):
+    assert u[1] == (ask,) and a[1] == (call,)
+    assert not tools.parse_tool_calls(call)[0].error
+  assert seen[0][-1][1] == ("hi",) and [m[0] for m in cs.messages] == ["user", "assistant"]
 
 
 def test_model_tools_off_ignores_calls(served, monkeypatch):

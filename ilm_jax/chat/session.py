@@ -103,6 +103,8 @@ class SessionConfig:
   Attributes:
     intents: the fallback intent layer (calls tools when the model did not).
     model_tools: execute tool calls the model writes.
+    tool_examples: show the model ``tools.EXAMPLES`` (request -> call exchanges) after
+      the system prompt: an untrained LLM calls tools more often (benchmarks/chat_tools.py).
   """
 
   k: int = 5
@@ -113,6 +115,7 @@ class SessionConfig:
   max_prompt_tokens: int = 1024
   intents: bool = True
   model_tools: bool = True
+  tool_examples: bool = False
 
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -198,8 +201,12 @@ class ChatSession:
   def _prompt(self) -> list[tuple[str, tuple]]:
     """System + as many recent messages as fit ``max_prompt_tokens``."""
     msgs = list(self.messages)
+    head = [("system", (self.system,))]
+    if self.c.tool_examples:
+      for ask, call in tools_lib.EXAMPLES:
+        head += [("user", (ask,)), ("assistant", (call,))]
     while True:
-      out = [("system", (self.system,))] + msgs
+      out = head + msgs
       ids, _ = self.served.render(out)
       if len(ids) <= self.c.max_prompt_tokens or len(msgs) <= 1:
         return out

@@ -41,6 +41,17 @@ TOOLS: dict[str, dict[str, Any]] = {
 MAX_K = 20
 TOOL_ROLE = "user"   # SmolLM2's function-calling convention: results come in a user turn
 RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>\n", "\n</tool_response>"
+# Demonstrations a session may put before the conversation (``SessionConfig.tool_examples``):
+# an untrained 135M model follows shown calls far more often than described ones.
+EXAMPLES: tuple[tuple[str, str], ...] = (
+    ("Find me something funny set at sea.",
+     '<tool_call>[{"name": "search_items", "arguments": {"query": "funny sea"}}]</tool_call>'),
+    ("What should I try next? Give me 3.",
+     '<tool_call>[{"name": "recommend", "arguments": {"k": 3}}]</tool_call>'),
+    ("Tell me about Night Harbor.",
+     '<tool_call>[{"name": "item_details", "arguments": {"id": "Night Harbor"}}]'
+     "</tool_call>"),
+)
 _CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
 # A 135M model sometimes drops the tags: a reply that *starts* with a call object/list.
 _BARE = re.compile(r'^\s*(?:```(?:json)?\s*)?(\[\s*\{\s*"name"|\{\s*"name")', re.S)
@@ -155,11 +166,13 @@ def parse_tool_calls(text: str) -> list[ToolCall]:
 
 
 def strip_tool_calls(text: str) -> str:
-  """``text`` without its tool calls (tagged blocks, or a leading bare call)."""
+  """``text`` without its tool calls (tagged blocks, or a leading bare call) and without
+  stray ``<tool_response>`` tags (a small model echoes the format)."""
   if "<tool_call>" not in text and _BARE.match(text):
     _, end = _decode(text)
     text = text[end:].lstrip().removeprefix("```")
-  return _CALL.sub("", text).strip()
+  text = _CALL.sub("", text)
+  return re.sub(r"\s*</?tool_response>\s*", " ", text).strip()
 
 
 def response_parts(name: str, items: Sequence[tuple[str, int]] = (), text: str = "",
