@@ -61,7 +61,9 @@ def test_parse_tool_calls(text, want):
 
 
 def test_replies_lose_echoed_tool_response_tags():
-  assert tools.strip_tool_calls("<tool_response>\nA, B\n</tool_response> Enjoy") == "A, B Enjoy"
+  assert tools.strip_tool_calls("<tool_response>\nA, B\n</tool_response> Enjoy") == "Enjoy"
+  assert tools.strip_tool_calls("Sure. <tool_response>\nerror: x\n</") == "Sure."
+  assert tools.strip_tool_calls("Sure.</tool_response> Bye </tool_") == "Sure. Bye"
 
 
 def test_system_prompt_lists_the_tools_in_smollm2_style():
@@ -108,14 +110,19 @@ def test_fallback_runs_when_the_model_writes_no_call(served, monkeypatch):
 
 
 def test_a_failed_model_call_is_answered_then_the_fallback_helps(served, monkeypatch):
-  _scripted(served, monkeypatch, ['<tool_call>[{"name": "recommend", "arguments": '
-                                  '{"k": 99}}]</tool_call>', "Sorry.", "Try these."])
+  seen = _scripted(served, monkeypatch, ['<tool_call>[{"name": "recommend", "arguments": '
+                                         '{"k": 99}}]</tool_call>', "Sorry.", "Try these."])
   cs = session.ChatSession(served, CFG, liked=[3])
   r = cs.send("recommend something")
   assert [c["by"] for c in r["tool_calls"]] == ["model", "fallback"]
   assert "1..20" in r["tool_calls"][0]["error"] and r["tool_calls"][1]["items"]
-  err = cs.messages[2][1][0]
-  assert err.startswith("<tool_response>\nerror: recommend:") and "1..20" in err
+  # The model saw the error (it could have retried) ...
+  role, (err,) = seen[1][-1]
+  assert role == tools.TOOL_ROLE and err.startswith("<tool_response>\nerror: recommend:")
+  assert "1..20" in err and "recommend" in seen[1][-2][1][0]
+  # ... but the failed attempt leaves the history once the turn is over.
+  assert [m[0] for m in cs.messages] == ["user", "assistant", tools.TOOL_ROLE, "assistant"]
+  assert '"k": 4' in cs.messages[1][1][0] and cs.messages[-1][1] == ("Try these.",)
 
 
 def test_tool_examples_come_before_the_conversation_only_in_the_prompt(served, monkeypatch):

@@ -12,7 +12,8 @@ One turn (``ChatSession.send``):
 2. **The model first**: the system prompt offers the tools in SmolLM2's function-calling
    style (``tools.system_prompt``) and the LLM writes on the spliced embeddings. When its
    output holds tool calls they are executed -- a malformed one gets an error tool turn
-   it can recover from -- and it writes again, up to ``max_tool_rounds``.
+   it can recover from -- and it writes again, up to ``max_tool_rounds``. Failed calls
+   and their errors leave the conversation when the turn ends.
 3. **Fallback intent layer** (deterministic, ``intents``): when the model made no call
    that succeeded and the message asks for something -- "recommend / suggest / what
    should I watch" -> ``recommend``; "find / search / looking for / any ..." ->
@@ -151,6 +152,7 @@ class ChatSession:
     # listed several (what "the second one" points into).
     self.last_items: list[int] = []
     self.last_list: list[int] = []
+    self._failed: list[int] = []   # this turn's failed calls (message positions)
     self.last_used = time.monotonic()
     # Two requests on one session id must not interleave their turns.
     self.lock = threading.Lock()
@@ -214,6 +216,8 @@ class ChatSession:
 
   def _call(self, call: tools_lib.ToolCall, record: dict, by: str) -> tools_lib.ToolResult:
     result = self.tools.run(call, self.history)
+    if result.error:   # the call and its error leave the history when the turn ends
+      self._failed.append(len(self.messages))
     self.messages.append(("assistant", (tools_lib.format_call(call.name, call.arguments)
                                         if not call.error else f"<tool_call>{call.raw}"
                                         "</tool_call>",)))
@@ -285,6 +289,7 @@ class ChatSession:
     tool_items: list[int] = []
     facts: dict[int, str] = {}
     ok = False
+    self._failed: list[int] = []
 
     def run(call, by):
       nonlocal ok
@@ -324,6 +329,10 @@ class ChatSession:
     # The history keeps the model's own words: the grounding lines are for the person
     # (the tool turn already gave the model those items), and a small model would parrot them.
     self.messages.append(("assistant", (model_reply,)))
+    # Failed calls were answered within the turn (the model could retry); later turns
+    # need not see them (a small model echoes old errors).
+    for j in reversed(self._failed):
+      del self.messages[j:j + 2]
     items = list(dict.fromkeys(named + missing))
     if items:
       self._shown(items)

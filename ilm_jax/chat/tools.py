@@ -46,12 +46,16 @@ RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>\n", "\n</tool_response>"
 EXAMPLES: tuple[tuple[str, str], ...] = (
     ("Find me something funny set at sea.",
      '<tool_call>[{"name": "search_items", "arguments": {"query": "funny sea"}}]</tool_call>'),
-    ("What should I try next? Give me 3.",
-     '<tool_call>[{"name": "recommend", "arguments": {"k": 3}}]</tool_call>'),
     ("Tell me about Night Harbor.",
      '<tool_call>[{"name": "item_details", "arguments": {"id": "Night Harbor"}}]'
      "</tool_call>"),
+    ("Do you have any quiet dramas?",
+     '<tool_call>[{"name": "search_items", "arguments": {"query": "quiet dramas"}}]'
+     "</tool_call>"),
+    ("What should I try next? Give me 3.",
+     '<tool_call>[{"name": "recommend", "arguments": {"k": 3}}]</tool_call>'),
 )
+_ECHO = re.compile(r"<tool_response>.*?(?:</tool_response>|$)|</tool_response>", re.S)
 _CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
 # A 135M model sometimes drops the tags: a reply that *starts* with a call object/list.
 _BARE = re.compile(r'^\s*(?:```(?:json)?\s*)?(\[\s*\{\s*"name"|\{\s*"name")', re.S)
@@ -167,12 +171,13 @@ def parse_tool_calls(text: str) -> list[ToolCall]:
 
 def strip_tool_calls(text: str) -> str:
   """``text`` without its tool calls (tagged blocks, or a leading bare call) and without
-  stray ``<tool_response>`` tags (a small model echoes the format)."""
+  echoed ``<tool_response>`` blocks (a small model copies the tool turn as its answer; the
+  session shows the items itself)."""
   if "<tool_call>" not in text and _BARE.match(text):
     _, end = _decode(text)
     text = text[end:].lstrip().removeprefix("```")
-  text = _CALL.sub("", text)
-  return re.sub(r"\s*</?tool_response>\s*", " ", text).strip()
+  text = re.sub(r"[ \t]{2,}", " ", _ECHO.sub(" ", _CALL.sub("", text)))
+  return re.sub(r"</?(?:tool_\w*>?)?$", "", text.strip()).strip()   # a cut-off tag
 
 
 def response_parts(name: str, items: Sequence[tuple[str, int]] = (), text: str = "",
