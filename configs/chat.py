@@ -20,9 +20,9 @@ Keys: method ('' = the only one under DIR/phase2), user (a user index whose hist
 seeds the session; -1 none), liked ('||'-separated titles the person likes), ranker
 (cf | retrieval | blend, see ``chat.model``), k, max_new_tokens, temperature,
 model_tools (execute the tool calls the LLM writes; it is offered the tools in its system
-prompt), intents (the deterministic fallback layer that calls tools when the LLM made no
-call that worked, see ``chat.session``), max_tool_rounds, host, port, max_sessions,
-session_ttl_s.
+prompt), tool_examples (show it a few request -> call exchanges first), intents (the
+deterministic fallback layer that calls tools when the LLM made no call that worked, see
+``chat.session``), max_tool_rounds, host, port, max_sessions, session_ttl_s.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.max_new_tokens = 16 if tiny else 64
   c.temperature = 0.0
   c.model_tools = True
+  c.tool_examples = True
   c.intents = True
   c.max_tool_rounds = 2
   c.serve = "serve" in parts

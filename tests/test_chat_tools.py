@@ -143,7 +143,17 @@ def test_model_tools_off_ignores_calls(served, monkeypatch):
   _scripted(served, monkeypatch, ['<tool_call>[{"name": "recommend"}]</tool_call>'])
   cs = session.ChatSession(served, session.SessionConfig(model_tools=False, intents=False))
   r = cs.send("hello")
-  assert r["tool_calls"] == [] and r["reply"] == ""
+  assert r["tool_calls"] == [] and r["reply"] == session.NO_ANSWER
+
+
+def test_more_recommendations_are_new_ones(served, monkeypatch):
+  _scripted(served, monkeypatch, [])
+  cs = session.ChatSession(served, CFG, liked=[3, 10])
+  first = [c["id"] for c in cs.send("Recommend 3")["tool_calls"][0]["items"]]
+  assert first == [i for i, _ in served.recommend([3, 10], 3)]
+  more = [c["id"] for c in cs.send("Can you recommend 3 more?")["tool_calls"][0]["items"]]
+  assert more == [i for i, _ in served.recommend([3, 10], 3, exclude=first)]
+  assert len(more) == 3 and not set(more) & set(first)
 
 
 # --------------------------------------------------------------------------- references

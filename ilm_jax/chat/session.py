@@ -21,7 +21,8 @@ One turn (``ChatSession.send``):
    / describe" with a mentioned item -> ``item_details`` -- the model's call-less answer
    is dropped, the calls are written into the conversation exactly as a model call would
    be, and the model answers on their results. Every call records who made it (``by``:
-   'model' or 'fallback').
+   'model' or 'fallback'). ``recommend`` never returns what the session already
+   recommended ("3 more" means new ones).
 4. **Grounding post-check**: the items the reply names are found in the catalogue; when a
    tool produced items the reply does not name, a line listing them is appended
    (``grounded`` marks it), so every answer that recommends names real catalogue items.
@@ -43,6 +44,9 @@ from ilm_jax.chat import tools as tools_lib
 from ilm_jax.data import prompts as P
 
 MAX_MESSAGE_CHARS = 2000
+# The reply when the model wrote nothing usable (only calls, echoes) and no tool found items.
+NO_ANSWER = ("Sorry, I have no answer to that. Ask me to recommend something, to find items "
+             "(a genre, a mood) or about a title.")
 _RECOMMEND = re.compile(r"\b(recommend\w*|suggest\w*|what should i|what (else )?(to|can i) "
                         r"(watch|read|buy|try)|something (else )?like|similar to|more like)\b",
                         re.I)
@@ -105,7 +109,8 @@ class SessionConfig:
     intents: the fallback intent layer (calls tools when the model did not).
     model_tools: execute tool calls the model writes.
     tool_examples: show the model ``tools.EXAMPLES`` (request -> call exchanges) after
-      the system prompt: an untrained LLM calls tools more often (benchmarks/chat_tools.py).
+      the system prompt: the untrained SmolLM2-135M writes a correct call for 11 of 24
+      scripted requests with them, 0 without (benchmarks/chat_tools.py).
   """
 
   k: int = 5
@@ -116,7 +121,7 @@ class SessionConfig:
   max_prompt_tokens: int = 1024
   intents: bool = True
   model_tools: bool = True
-  tool_examples: bool = False
+  tool_examples: bool = True
 
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -153,6 +158,8 @@ class ChatSession:
     self.last_items: list[int] = []
     self.last_list: list[int] = []
     self._failed: list[int] = []   # this turn's failed calls (message positions)
+    # Items recommended in earlier turns: "3 more" means new ones.
+    self.recommended: list[int] = []
     self.last_used = time.monotonic()
     # Two requests on one session id must not interleave their turns.
     self.lock = threading.Lock()
@@ -215,7 +222,7 @@ class ChatSession:
       msgs = msgs[1:]
 
   def _call(self, call: tools_lib.ToolCall, record: dict, by: str) -> tools_lib.ToolResult:
-    result = self.tools.run(call, self.history)
+    result = self.tools.run(call, self.history, exclude=self.recommended)
     if result.error:   # the call and its error leave the history when the turn ends
       self._failed.append(len(self.messages))
     self.messages.append(("assistant", (tools_lib.format_call(call.name, call.arguments)
@@ -326,6 +333,8 @@ class ChatSession:
     if lines:
       reply = "\n".join(([reply] if reply else []) + lines)
       record["grounded"] = True
+    elif not reply:
+      reply = NO_ANSWER
     # The history keeps the model's own words: the grounding lines are for the person
     # (the tool turn already gave the model those items), and a small model would parrot them.
     self.messages.append(("assistant", (model_reply,)))
@@ -333,6 +342,8 @@ class ChatSession:
     # need not see them (a small model echoes old errors).
     for j in reversed(self._failed):
       del self.messages[j:j + 2]
+    self.recommended += [i for c in record["tool_calls"] if c["call"]["name"] == "recommend"
+                         for i in (it["id"] for it in c["items"]) if i not in self.recommended]
     items = list(dict.fromkeys(named + missing))
     if items:
       self._shown(items)

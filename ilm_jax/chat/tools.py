@@ -242,8 +242,15 @@ class Toolbox:
       raise ValueError(f"no catalogue item is called {ref!r}; try search_items")
     raise ValueError(f"an item is an id or a title, got {ref!r}")
 
-  def run(self, call: ToolCall, history: Sequence[int] = ()) -> ToolResult:
-    """Executes ``call``; any problem is a ToolResult with ``error`` (never raises)."""
+  def run(self, call: ToolCall, history: Sequence[int] = (), exclude: Sequence[int] = ()
+          ) -> ToolResult:
+    """Executes ``call``; any problem is a ToolResult with ``error`` (never raises).
+
+    Args:
+      call: the parsed call.
+      history: the conversation's liked items (``recommend``'s default history).
+      exclude: items ``recommend`` must not return (already recommended: "3 more").
+    """
     if call.error:
       return ToolResult(call, error=call.error)
     if call.name not in TOOLS:
@@ -269,7 +276,8 @@ class Toolbox:
           raise ValueError('"history" must be a list of titles or item ids')
         else:
           hist = [self.item_ref(h) for h in hist]
-        recs = self.served.recommend(hist, self._k(args), ranker=self.ranker)
+        recs = self.served.recommend(hist, self._k(args), ranker=self.ranker,
+                                     exclude=[i for i in exclude if i not in hist])
         return ToolResult(call, [i for i, _ in recs])
       if "id" not in args:
         raise ValueError('item_details needs "id": an item title or id')

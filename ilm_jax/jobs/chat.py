@@ -19,6 +19,7 @@ def session_config(config: ml_collections.ConfigDict) -> session_lib.SessionConf
       k=int(config.k), ranker=str(config.ranker), max_new_tokens=int(config.max_new_tokens),
       temperature=float(config.temperature), intents=bool(config.intents),
       model_tools=bool(config.get("model_tools", True)),
+      tool_examples=bool(config.get("tool_examples", True)),
       max_tool_rounds=int(config.get("max_tool_rounds", 2)))
 
 
