@@ -10,6 +10,9 @@ ARG (comma-separated, optional, any order):
       (mlp); no soft tokens, items named by id only (text-only: only the retrieval head
       and its learned item table train, generation is the frozen LLM's).
   generated (default) | ml1m | beauty | clothing   the dataset.
+  small  ILM-rand's Q-Former is ``configs/phase1.py:small``'s (random init, 2 layers x 128)
+      instead of the default one (MiniLM init): pair it with ILM rows whose Phase 1 ran at
+      the ``small`` budget, so ILM-rand is their architecture at their starting weights.
   tiny   a random 2-layer Llama (``LlmConfig.tiny``, SmolLM2's tokenizer), the tiny
       catalogue and a few steps: runs on CPU in seconds (tests).
 
@@ -62,7 +65,8 @@ def _phase1_model(arg: str) -> ml_collections.ConfigDict:
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   """The phase2 job's config; ``arg`` as in the module docstring."""
   dataset, parts = config_lib.parse_config_arg(
-      arg, config_file="configs/phase2.py", flags=("tiny", *VARIANTS), datasets=DATASETS)
+      arg, config_file="configs/phase2.py", flags=("tiny", "small", *VARIANTS),
+      datasets=DATASETS)
   variant = config_lib.pick_one(parts, VARIANTS, "ilm", config_file="configs/phase2.py",
                                 what="variant")
   tiny = "tiny" in parts
@@ -85,7 +89,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   # Frozen LLM: '' = packaged SmolLM2-135M-Instruct GGUF; or a .gguf / HF folder.
   c.llm = ml_collections.ConfigDict(dict(source="", tiny=tiny, dtype="float32", seed=0))
-  c.qformer = _phase1_model(",".join([dataset] + (["tiny"] if tiny else [])))  # 'rand'
+  size = ["tiny"] if tiny else ["small"] if "small" in parts else []
+  c.qformer = _phase1_model(",".join([dataset] + size))  # the 'rand' variant's Q-Former
   c.mlp = ml_collections.ConfigDict(dict(hidden=512, num_tokens=4))
   # Retrieval head loss: 'full' = softmax over every item (the item encoder runs on the
   # whole catalogue each step); 'batch' = the batch's targets + num_negatives sampled items.

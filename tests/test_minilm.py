@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -135,3 +136,20 @@ def test_first_n_layers_of_a_checkpoint(tmp_path):
       w["encoder.layer.1.attention.self.query.weight"].T)
   with pytest.raises(bert_loading.WeightLoadError, match="7"):
     bert_loading.qformer_from_bert_dir(tmp_path, rngs=nnx.Rngs(0), num_layers=7, cf_dim=8)
+
+
+def test_loaded_query_ffn_is_an_own_buffer_copy():
+  """After loading, each query FFN equals its text FFN but owns its buffers: training
+  donates the state, and a buffer donated twice is an XLA error on GPU/TPU (and on CPU
+  from jax 0.11), which is how ILM-rand from a MiniLM init once failed."""
+  try:
+    src = resources.minilm_dir()
+  except resources.MissingResourceError as e:
+    pytest.skip(str(e))
+  model, _ = bert_loading.qformer_from_bert_dir(src, rngs=nnx.Rngs(0), num_layers=2, cf_dim=8)
+  for layer in model.layers:
+    text, query = (jax.tree.leaves(nnx.state(f)) for f in (layer.ffn, layer.ffn_query))
+    for a, b in zip(text, query, strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(nnx.state(model))]
+  assert len(set(pointers)) == len(pointers)

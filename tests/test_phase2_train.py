@@ -142,3 +142,12 @@ def test_baseline_variants_build_and_step(shared, tmp_path, arg):
   assert summary["steps"] == 2
   assert summary["method"] == {"text,tiny": "text-only", "rand,tiny": "ilm-rand"}[arg]
   assert summary["soft_tokens"] == (0 if arg.startswith("text") else c.qformer.num_query_tokens)
+
+
+def test_small_flag_gives_ilm_rand_the_small_phase1_architecture():
+  """``phase2.py:rand,small`` builds ILM-rand from ``phase1.py:small``'s model section (the
+  architecture of ILM rows whose Phase 1 ran at that budget); without it, the default."""
+  phase1 = resources.REPO_ROOT / "configs" / "phase1.py"
+  for arg, p1_arg in (("rand,ml1m,small", "ml1m,small"), ("rand,ml1m", "ml1m")):
+    assert _get_config(arg).qformer == config_lib.load_config_file(phase1, p1_arg).model
+  assert _get_config("rand,ml1m,small").qformer.init == "random"

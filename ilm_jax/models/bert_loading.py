@@ -99,14 +99,6 @@ def _ffn(mod: layers.FeedForward, r: _Reader, up: str, down: str) -> None:
   _norm(mod.norm, r, down + ".LayerNorm")
 
 
-def _copy_ffn(dst: layers.FeedForward, src: layers.FeedForward) -> None:
-  for a, b in ((dst.up, src.up), (dst.down, src.down)):
-    a.kernel[...] = b.kernel[...]
-    a.bias[...] = b.bias[...]
-  dst.norm.scale[...] = src.norm.scale[...]
-  dst.norm.bias[...] = src.norm.bias[...]
-
-
 # ---------------------------------------------------------------- BLIP-2 (reference)
 
 def load_blip2_qformer(model, weights: Weights, source: str = "blip2 weights") -> list[str]:
@@ -224,7 +216,7 @@ def init_text_tower_from_bert(model, weights: Weights, source: str = "bert check
   _load_bert_embeddings(model.embeddings, model.embed_norm, r, cfg.cls_token_id)
   for i, layer in enumerate(model.layers):
     _load_bert_layer(layer.self_attention, layer.ffn, r, i)
-    _copy_ffn(layer.ffn_query, layer.ffn)
+    layer.reset_query_ffn()
   has_lm = "cls.predictions.transform.dense.weight" in weights
   if has_lm:
     rc = _Reader(weights, source, "cls.predictions.")

@@ -168,10 +168,17 @@ class QFormerLayer(nnx.Module):
         layers.Attention(h, cfg.num_heads, kv_dim=cfg.mem_dim, **kw)
         if cfg.has_cross_attention(index) else None)
     self.ffn = layers.FeedForward(h, cfg.intermediate_size, **kw)
-    # LAVIS copies the text FFN into the query FFN at init; loaders redo the copy after
-    # overwriting the text FFN. The copy gets its own buffers: training donates the
-    # state, and one buffer donated twice is an XLA error (nnx.clone would share them).
     self.ffn_query = layers.FeedForward(h, cfg.intermediate_size, **kw)
+    self.reset_query_ffn()
+
+  def reset_query_ffn(self) -> None:
+    """Query FFN := a copy of the text FFN (LAVIS's init; loaders call it again after
+    overwriting the text FFN).
+
+    The copy gets its own buffers: training donates the state, and one buffer donated
+    twice is an XLA error on backends that honour donation (GPU, TPU, CPU from jax 0.11).
+    Assigning ``a[...] = b[...]`` or ``nnx.clone`` would share them.
+    """
     nnx.update(self.ffn_query,
                jax.tree.map(lambda x: jnp.array(x, copy=True), nnx.state(self.ffn)))
 
