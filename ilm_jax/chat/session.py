@@ -296,7 +296,7 @@ class ChatSession:
     tool_items: list[int] = []
     facts: dict[int, str] = {}
     ok = False
-    self._failed: list[int] = []
+    self._failed = []
 
     def run(call, by):
       nonlocal ok
@@ -342,8 +342,9 @@ class ChatSession:
     # need not see them (a small model echoes old errors).
     for j in reversed(self._failed):
       del self.messages[j:j + 2]
-    self.recommended += [i for c in record["tool_calls"] if c["call"]["name"] == "recommend"
-                         for i in (it["id"] for it in c["items"]) if i not in self.recommended]
+    for c in record["tool_calls"]:
+      if c["call"]["name"] == "recommend":
+        self.recommended += [it["id"] for it in c["items"] if it["id"] not in self.recommended]
     items = list(dict.fromkeys(named + missing))
     if items:
       self._shown(items)

@@ -7,11 +7,11 @@ JSON schemas inside ``<tools>...</tools>`` and asks for calls as a JSON list
 
   <tool_call>[{"name": "recommend", "arguments": {"k": 3}}]</tool_call>
 
-(``[]`` when no tool is needed); results come back in a user turn wrapped in
-``<tool_response>...</tool_response>`` (``tool_turn``), listing items by title, each
-followed by its K item tokens. The Phase 2 ``tool_call`` task trains on exactly these
-strings (``data.phase2``), so the system prompt, ``format_call`` and ``tool_turn`` are
-the one definition of the format.
+(``[]`` when no tool is needed); results come back in a ``TOOL_ROLE`` turn wrapped in
+``<tool_response>...</tool_response>`` (``response_parts``), listing items by title,
+each followed by its K item tokens. The Phase 2 ``tool_call`` task trains on exactly
+these strings (``data.phase2``), so ``system_prompt`` and ``format_call`` are the one
+definition of the format.
 
 Every malformed call -- bad JSON, unknown tool, wrong or missing arguments, unknown
 items -- is answered with an error message in the tool turn (``ToolResult.error``) that
@@ -39,7 +39,12 @@ TOOLS: dict[str, dict[str, Any]] = {
     "item_details": {"description": "Describe an item", "arguments": {"id": "str"}},
 }
 MAX_K = 20
-TOOL_ROLE = "user"   # SmolLM2's function-calling convention: results come in a user turn
+# The role of the turn that carries results. SmolLM2's tool convention puts them in a user
+# turn; with that, the untrained 135M model echoed the last <tool_response> instead of
+# answering in every later turn of a conversation, and with a 'tool' turn (the GGUF
+# template renders any role) it answered after them and went on calling tools
+# (benchmarks/chat_tools.py --conversation).
+TOOL_ROLE = "tool"
 RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>\n", "\n</tool_response>"
 # Demonstrations a session may put before the conversation (``SessionConfig.tool_examples``):
 # an untrained 135M model follows shown calls far more often than described ones.
