@@ -179,16 +179,23 @@ def ranking_table(best: dict, dataset: str, task: str, template: str,
 
 
 def ordering_check(best: dict, dataset: str = "ml1m", task: str = "sequential",
-                   template: str = "seen", metric: str = "hr@5") -> str:
-  """The paper's ordering ILM > ILM-rand > MLP on ``metric``, with ±1 std error."""
+                   template: str = "seen", metric: str = "hr@5", scorer: str = "") -> str:
+  """The paper's ordering ILM > ILM-rand > MLP on ``metric``, with ±1 std error.
+
+  ``scorer`` '' = beam search (the paper's protocol), 'retrieval' = the retrieval head.
+  """
+  suffix = f"+{scorer}" if scorer else ""
+  how = "retrieval head" if scorer else "beam search"
+
   def get(m):
-    return best.get((dataset, "test", task, template, m))
+    rec = best.get((dataset, "test", task, template, m + suffix))
+    return None if rec is None else {**rec, "method": m}
   ilm = [r for r in (get(m) for m in ("ilm-it", "ilm-it-ii", "ilm-it-ui")) if r is not None]
   rand, mlp = get("ilm-rand"), get("mlp")
   if not ilm or rand is None or mlp is None:
     have = [m for m in ("ilm-it", "ilm-it-ii", "ilm-it-ui", "ilm-rand", "mlp") if get(m)]
     return (f"Ordering ILM > ILM-rand > MLP ({DATASET_NAMES.get(dataset, dataset)} {task}, "
-            f"{template}, {metric.upper()}): **not evaluated** -- records present for "
+            f"{template}, {metric.upper()}, {how}): **not evaluated** -- records present for "
             f"{', '.join(have) or 'none'} of ILM-IT*, ILM-rand, MLP.")
   top = max(ilm, key=lambda r: r[metric])
   se = lambda r: r.get(metric + "_se", 0.0)  # noqa: E731
@@ -200,7 +207,7 @@ def ordering_check(best: dict, dataset: str = "ml1m", task: str = "sequential",
              "holds on the means, but the ±1 std error intervals overlap" if ordered else
              "does **not** hold")
   return (f"Ordering ILM > ILM-rand > MLP ({DATASET_NAMES.get(dataset, dataset)} {task}, "
-          f"{template} template, {metric.upper()}, beam search): {verdict}: {val(top)}; "
+          f"{template} template, {metric.upper()}, {how}): {verdict}: {val(top)}; "
           f"{val(rand)}; {val(mlp)}.")
 
 
@@ -317,8 +324,11 @@ def _slug(text: str) -> str:
 
 
 def make_report(runs: Sequence[str | pathlib.Path], out_dir: str | pathlib.Path,
-                command: str | None = None) -> pathlib.Path:
-  """Writes RESULTS.md, results/*.json and the plots under ``out_dir``; returns the .md."""
+                command: str | None = None, notes: str | pathlib.Path = "") -> pathlib.Path:
+  """Writes RESULTS.md, results/*.json and the plots under ``out_dir``; returns the .md.
+
+  ``notes``: a markdown file copied in first (how the runs were made), if given.
+  """
   out_dir = pathlib.Path(out_dir)
   res_dir = out_dir / "results"
   res_dir.mkdir(parents=True, exist_ok=True)
@@ -339,7 +349,10 @@ def make_report(runs: Sequence[str | pathlib.Path], out_dir: str | pathlib.Path,
         "users. *beam search (10)* = trie-constrained generation (the paper's protocol), "
         "*retrieval head* = one LLM pass scoring every item (beyond the paper). *steps* = "
         "Phase 2 training steps (MF: ALS iterations); *eval wall s* = scoring time of that "
-        "row (compilation included). Machine-readable rows: `results/<dataset>.json`.", "", "## Runs", "",
+        "row (compilation included). Machine-readable rows: `results/<dataset>.json`.", ""]
+  if notes:
+    md += ["## How these runs were made", "", pathlib.Path(notes).read_text().strip(), ""]
+  md += ["## Runs", "",
         "| run | folder | datasets | commands |", "|---|---|---|---|"]
   for i, run in enumerate(run_list, 1):
     rr = [r for r in records if r["_run"] == run]
@@ -351,13 +364,16 @@ def make_report(runs: Sequence[str | pathlib.Path], out_dir: str | pathlib.Path,
             for m in trained_models(pathlib.Path(run))]
   if models:
     md += ["Trained Phase 2 models (each folder's `summary.json`):", "",
-           "| run | folder | dataset | method | steps | batch | train s | training examples "
-           "| T | K | trainable params |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| run | folder | dataset | method | steps | batch | train s | device | training "
+           "examples | T | K | trainable params | command |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, m in models:
       cells = [m.get(k, "") for k in ("dataset", "method", "steps", "batch_size", "train_s",
-                                       "examples", "max_len", "soft_tokens",
+                                       "device_kind", "examples", "max_len", "soft_tokens",
                                        "trainable_params")]
-      md.append(f"| R{i} | `{m['folder']}` | " + " | ".join(str(c) for c in cells) + " |")
+      cmd = f"`{m['command']}`" if m.get("command") else "(not recorded)"
+      md.append(f"| R{i} | `{m['folder']}` | " + " | ".join(str(c) for c in cells)
+                + f" | {cmd} |")
     md.append("")
 
   for d in datasets:
@@ -380,7 +396,7 @@ def make_report(runs: Sequence[str | pathlib.Path], out_dir: str | pathlib.Path,
         shown += rows
         md += [f"### {name} — {task}, {template} template", ""] + lines + [""]
     if d == "ml1m":
-      md += [ordering_check(best), ""]
+      md += [f"- {ordering_check(best, scorer=sc)}" for sc in ("", "retrieval")] + [""]
     extra = [r for r in best.values() if r["dataset"] == d
              and r["task"] not in TASKS and r["split"] == "test"]
     shown += extra
@@ -421,9 +437,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--runs", nargs="+", required=True, help="run folders (workdirs)")
   parser.add_argument("--out-dir", default=str(REPO / "docs"),
                       help="where RESULTS.md and results/ go (default: docs/)")
+  parser.add_argument("--notes", default="",
+                      help="a markdown file shown first, under 'How these runs were made' "
+                           "(hardware, environment, what was not run and why)")
   args = parser.parse_args(argv)
   cmd = "python scripts/make_report.py --runs " + " ".join(args.runs)
-  path = make_report(args.runs, args.out_dir, command=cmd)
+  if args.notes:
+    cmd += f" --notes {args.notes}"
+  path = make_report(args.runs, args.out_dir, command=cmd, notes=args.notes)
   print(f"make_report: wrote {path}")
   return 0
 

@@ -46,7 +46,8 @@ def runs(tmp_path):
       + '\n{"step": 5, "steps_per_sec": 1.0}\n')
   (a / "phase2" / "mlp" / "summary.json").write_text(json.dumps(
       {"dataset": "ml1m", "method": "mlp", "steps": 2000, "batch_size": 8, "train_s": 99.5,
-       "examples": 60400, "max_len": 320, "soft_tokens": 4, "trainable_params": 1234}))
+       "examples": 60400, "max_len": 320, "soft_tokens": 4, "trainable_params": 1234,
+       "device_kind": "NVIDIA H200", "command": "python -m ilm_jax.main --config=p2"}))
   # A second run with a larger evaluation of the same key replaces the first.
   results.write_results(b, [_rec("mlp", 0.12, users=500),
                             _rec("ilm-rand", 0.6, users=50, dataset="beauty")])
@@ -56,7 +57,10 @@ def runs(tmp_path):
 def test_report_tables_missing_and_json(runs, tmp_path):
   mod = _report_module()
   out = tmp_path / "docs"
-  md = mod.make_report(runs, out).read_text()
+  notes = tmp_path / "notes.md"
+  notes.write_text("Ran on **one GPU**; Beauty was not run.\n")
+  md = mod.make_report(runs, out, notes=notes).read_text()
+  assert "## How these runs were made\n\nRan on **one GPU**; Beauty was not run." in md
   # Present numbers with std errors; the larger MLP evaluation (run 2) wins.
   assert "| ILM-IT-II | beam search (10) | 0.3000 ± 0.0100 | 0.1500 |" in md
   assert "| ILM-IT-II | retrieval head | 0.2500 ± 0.0100 |" in md
@@ -72,7 +76,11 @@ def test_report_tables_missing_and_json(runs, tmp_path):
           " holds, with non-overlapping") in md
   assert "| MF | dot product | 0.0500 ± 0.0100 |" in md
   assert "`python -m ilm_jax.main x`" in md
-  assert "| R1 | `phase2/mlp` | ml1m | mlp | 2000 | 8 | 99.5 | 60400 | 320 | 4 | 1234 |" in md
+  assert ("| R1 | `phase2/mlp` | ml1m | mlp | 2000 | 8 | 99.5 | NVIDIA H200 | 60400 | 320 | 4 "
+          "| 1234 | `python -m ilm_jax.main --config=p2` |") in md
+  # The retrieval head gets its own ordering line; run_a has no ILM-rand/MLP retrieval rows.
+  assert ("Ordering ILM > ILM-rand > MLP (ML1M sequential, seen, HR@5, retrieval head): "
+          "**not evaluated** -- records present for ilm-it-ii of") in md
   assert "| ml1m | MLP | 0.610 ± 0.020 | -2.500 ± 0.100 | 20 |" in md
   assert "| ml1m | MLP | yes (bit-identical) |" in md
   rows = json.loads((out / "results" / "ml1m.json").read_text())
@@ -96,6 +104,11 @@ def test_ordering_check_reports_failure_and_missing():
   assert "does **not** hold" in mod.ordering_check(best)
   del best[("ml1m", "test", "sequential", "seen", "mlp")]
   assert "**not evaluated**" in mod.ordering_check(best)
+  retrieval = {("ml1m", "test", "sequential", "seen", r["method"]): r for r in
+               [_rec("ilm-it-ii+retrieval", 0.3), _rec("ilm-rand+retrieval", 0.2),
+                _rec("mlp+retrieval", 0.1), _rec("mlp", 0.9)]}
+  line = mod.ordering_check(retrieval, scorer="retrieval")
+  assert "retrieval head): holds, with non-overlapping" in line and "ILM-IT-II 0.3000" in line
 
 
 def test_main_rejects_missing_folder(tmp_path):

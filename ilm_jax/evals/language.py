@@ -277,14 +277,40 @@ def preservation(model: nnx.Module, tokenizer, prompts: Sequence[str] = PRESERVA
     prompts: user messages.
 
   Returns:
-    {'prompts', 'tokens', 'max_abs_diff', 'equal'}: ``equal`` is True iff every logit
-    at every real position is bit-identical.
+    {'prompts', 'tokens', 'max_abs_diff', 'equal', 'backend', 'passed'}: ``equal`` is True
+    iff every logit at every real position is bit-identical; ``passed`` is the verdict
+    (``preservation_passed``).
   """
   ids = [tokenizer.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True)
          for p in prompts]
   tokens, mask = generation.pad_prompts(ids, int(tokenizer.pad_id), side="right")
   graphdef, state = nnx.split(model)
-  a, b = _both_logits(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask))
+  backend = jax.default_backend()
+  # Accelerators run f32 matmuls at reduced precision by default (TF32 on NVIDIA GPUs);
+  # the two graphs fuse differently, so that noise would swamp the comparison.
+  with jax.default_matmul_precision("highest" if backend != "cpu" else None):
+    a, b = _both_logits(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask))
   a, b = np.asarray(a)[mask], np.asarray(b)[mask]
-  return {"prompts": len(prompts), "tokens": int(mask.sum()),
-          "max_abs_diff": float(np.max(np.abs(a - b))), "equal": bool(np.array_equal(a, b))}
+  diff = float(np.max(np.abs(a - b)))
+  equal = bool(np.array_equal(a, b))
+  return {"prompts": len(prompts), "tokens": int(mask.sum()), "max_abs_diff": diff,
+          "equal": equal, "backend": backend,
+          "passed": preservation_passed(equal, diff, float(np.max(np.abs(b))), backend)}
+
+
+# Accelerators: allowed max |logit diff| relative to the largest |base logit|.
+PRESERVATION_RTOL = 1e-4
+
+
+def preservation_passed(equal: bool, max_abs_diff: float, logit_scale: float,
+                        backend: str) -> bool:
+  """The preservation verdict: bit-identical on CPU (where XLA's f32 arithmetic is
+  reproducible across the two graphs, and the tests hold it to that); on GPU/TPU, equal up
+  to float reassociation (``PRESERVATION_RTOL`` x the largest |logit|), because the ILM's
+  graph (embeddings + splice) and the base LLM's fuse differently there. Measured on an
+  H200 at default (TF32) matmul precision: max |diff| 0.111, hence the highest precision
+  for this check; an ILM that changed the LLM would differ by far more.
+  """
+  if backend == "cpu":
+    return equal
+  return equal or max_abs_diff <= PRESERVATION_RTOL * max(logit_scale, 1.0)

@@ -21,6 +21,7 @@ import math
 import os
 import pathlib
 import re
+import shlex
 import sys
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -47,6 +48,14 @@ Record = dict[str, Any]
 
 class ResultsError(ValueError):
   """A record does not follow the results.json schema (SPEC §8)."""
+
+
+def command_line() -> str:
+  """The command that runs this process (recorded with every result and summary)."""
+  argv = list(sys.argv)
+  if argv and argv[0].endswith(("ilm_jax/main.py", "ilm_jax.main")):
+    argv[0] = "python -m ilm_jax.main"
+  return " ".join(shlex.quote(a) if i else a for i, a in enumerate(argv))
 
 
 def _check_method(method: str) -> None:

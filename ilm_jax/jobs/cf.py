@@ -71,7 +71,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
   extras = {"train_s": round(res.train_seconds, 2), "iters": len(res.log),
             "best_iter": res.best_iter, "dim": cfg.dim, "reg": cfg.reg, "alpha": cfg.alpha,
             "seed": cfg.seed, "fold_in": bool(config.eval.fold_in),
-            "subsample": users is not None}
+            "subsample": users is not None, "command": results.command_line()}
   records = [dict(dataset=ds.name, split=which, task="straightforward", template="seen",
                   method="mf", **m, **extras) for which, m in metrics.items()]
 

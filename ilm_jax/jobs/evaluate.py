@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import shlex
-import sys
 import time
 from typing import Any
 
@@ -71,14 +69,6 @@ def _summary(folder: pathlib.Path) -> dict[str, Any]:
   return json.loads(path.read_text()) if path.exists() else {}
 
 
-def command_line() -> str:
-  """The command that runs this process (recorded with every result)."""
-  argv = list(sys.argv)
-  if argv and argv[0].endswith(("ilm_jax/main.py", "ilm_jax.main")):
-    argv[0] = "python -m ilm_jax.main"
-  return " ".join(shlex.quote(a) if i else a for i, a in enumerate(argv))
-
-
 class _Llms:
   """One frozen LLM (and tokenizer) per distinct ``ilm.json`` LLM section."""
 
@@ -116,7 +106,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
         f"{' (seeded subsample)' if len(users) < ds.num_users else ''}; models: "
         f"{', '.join(models)}", flush=True)
   pc = config.prompts
-  cmd = command_line()
+  cmd = results.command_line()
   llms = _Llms()
   tries: dict[tuple, Any] = {}
   written: list[dict[str, Any]] = []
@@ -148,9 +138,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
       p = language.preservation(model, tok)
       emit(dict(dataset=ds.name, split=which, task="preservation", template="seen",
                 method=method, users=p["prompts"], **p), extras)
-      log(f"eval: {method} preservation: {'exact' if p['equal'] else 'DIFFERS'} "
+      passed = p.get("passed", p["equal"])
+      verdict = "exact" if p["equal"] else "within tolerance" if passed else "DIFFERS"
+      log(f"eval: {method} preservation: {verdict} "
           f"(max |logit diff| {p['max_abs_diff']:.3g} over {p['tokens']} tokens)")
-      if not p["equal"]:
+      if not passed:
         failures.append(f"{method}: max |logit diff| {p['max_abs_diff']}")
 
     if "generation" in scorers:

@@ -27,6 +27,7 @@ from absl import logging
 from ilm_jax import partition, phase2, train
 from ilm_jax.data import phase2 as data_phase2
 from ilm_jax.data import pipeline, sources, types
+from ilm_jax.evals import results
 from ilm_jax.jobs import prepare
 from ilm_jax.models import ilm as ilm_lib
 
@@ -120,7 +121,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       trainable_params=counts["trainable"], frozen_values=counts["frozen"],
       steps_per_s=round(steps_per_s, 4),
       padded_tokens_per_s=round(steps_per_s * int(config.batch_size) * encoder.max_len, 1),
-      devices=len(jax.devices()),
+      devices=len(jax.devices()), device_kind=jax.devices()[0].device_kind,
+      command=results.command_line(),
       **{k: float(v) for k, v in result.eval_metrics.items()})
   (outdir / "summary.json").write_text(json.dumps(summary, indent=1))
   logging.info("phase2 summary: %s", summary)
