@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/phase1_sweep.sh ROOT PART...
 #
-# PART: cf_generated | cf_ml1m | seeds | k | k2 | init   (see the case below). Each run writes
+# PART: cf_generated | cf_ml1m | seeds[:S,S..] | k | k2 | init | init384 | init128 (see the case
+# below; seeds alone = 0,1,2). ML1M_CF=NPZ overrides the ML1M CF tables. Each run writes
 # ROOT/<name>/results.json and ROOT/<name>.log; a run whose results.json exists is skipped,
 # so the script can be rerun after an interruption. Tables: benchmarks/phase1_table.py.
 set -u
@@ -24,8 +25,10 @@ run() {  # run NAME ARGS...: one phase1 job in ROOT/NAME (skipped if it already 
 }
 
 GEN_CF=$ROOT/cf_generated/cf/embeddings.npz
-ML1M_CF=$ROOT/cf_ml1m/cf/embeddings.npz
+ML1M_CF=${ML1M_CF:-$ROOT/cf_ml1m/cf/embeddings.npz}
 for part in "$@"; do
+  seeds=0,1,2
+  [[ $part == seeds:* ]] && seeds=${part#seeds:}
   case $part in
     cf_generated)  # frozen ALS tables shared by every generated-catalogue run
       [[ -f $GEN_CF ]] || nice -n 5 "$PY" -m ilm_jax.main --config=configs/cf.py:generated \
@@ -33,8 +36,8 @@ for part in "$@"; do
     cf_ml1m)
       [[ -f $ML1M_CF ]] || nice -n 5 "$PY" -m ilm_jax.main --config=configs/cf.py:ml1m \
         --workdir="$ROOT/cf_ml1m" > "$ROOT/cf_ml1m.log" 2>&1 ;;
-    seeds)  # IT / IT-II / IT-UI x model+training seed 0, 1, 2 (data, held-out set, batches fixed)
-      for s in 0 1 2; do
+    seeds | seeds:*)  # IT / IT-II / IT-UI x model+training seeds (data, held-out set, batches fixed)
+      for s in ${seeds//,/ }; do
         for v in it it_ii it_ui; do
           run "gen_${v}_s$s" --config="configs/phase1.py:$v,generated,small" \
             --config.cf_path="$GEN_CF" --config.model.seed=$s --config.train.seed=$s
@@ -47,12 +50,13 @@ for part in "$@"; do
           --config.cf_path="$GEN_CF" --config.model.seed=$s --config.train.seed=$s \
           --config.model.num_query_tokens=$k
       done ;;
-    init)  # IT-II on ML1M: random 128-wide (the small default), MiniLM (first 2 layers,
-           # 384 wide) and random at MiniLM's shape (2 layers, 384 wide, 12 heads)
+    init128)  # IT-II on ML1M, the small default: random init, 2 layers, 128 wide
       run ml1m_it_ii_random128 --config=configs/phase1.py:it_ii,ml1m,small \
-        --config.cf_path="$ML1M_CF"
+        --config.cf_path="$ML1M_CF" ;;
+    init)  # the same with the MiniLM text tower (its first 2 layers, 384 wide, 12 heads)
       run ml1m_it_ii_minilm --config=configs/phase1.py:it_ii,ml1m,small \
-        --config.cf_path="$ML1M_CF" --config.model.init=minilm
+        --config.cf_path="$ML1M_CF" --config.model.init=minilm ;;
+    init384)  # random init at MiniLM's shape (2 layers, 384 wide, 12 heads): init vs width
       run ml1m_it_ii_random384 --config=configs/phase1.py:it_ii,ml1m,small \
         --config.cf_path="$ML1M_CF" --config.model.hidden_size=384 \
         --config.model.num_heads=12 --config.model.intermediate_size=1536 ;;
