@@ -229,22 +229,24 @@ def _itg_mean(graphdef, state, records: Mapping[str, np.ndarray], batch: int) ->
 
 # ==== The job ============================================================================
 
-def run(config: ml_collections.ConfigDict, workdir: str,
-        on_step: Callable[[int, Mapping[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-  """Trains, evaluates and saves; returns the results records written.
+@dataclasses.dataclass
+class TrainingData:
+  """What Phase 1 trains and evaluates on (train split only for everything trained)."""
+  ds: types.RecDataset
+  split: types.Split
+  emb: Any                             # cf_embeddings(): .item_emb, .user_emb
+  all_text: dict[str, np.ndarray]      # every item's text records (held-out ones included)
+  heldout: np.ndarray                  # item ids whose text is never trained on
+  data: Any                            # the batch iterator (item-text, alternating pairs)
 
-  Args:
-    config: ``configs/phase1.py``.
-    workdir: run folder (checkpoints, metrics, results.json, phase1/).
-    on_step: test hook passed to ``train.train``.
-  """
-  wall0 = time.perf_counter()
+
+def training_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike
+                  ) -> TrainingData:
+  """The prepared dataset, CF embeddings, held-out items and the seeded batch iterator."""
   variant = config.variant
   if variant not in METHODS:
     raise ValueError(f"config.variant={variant!r}; valid: {', '.join(METHODS)}")
   pair_kind = PAIR_KINDS[variant]
-
-  # ---- data: train split only for everything trained ----
   ds = prepare.prepared_dataset(config.data, workdir, prepare.data_dir(config, workdir))
   split = types.leave_one_out(ds)
   emb = cf_embeddings(config, workdir, ds, split)
@@ -258,7 +260,6 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   print(f"phase1: {ds.name} {ds.stats()}; variant {variant}; "
         f"{len(sets.item_text['item'])} item-text records for training, {len(heldout)} held "
         f"out; {len(sets.pairs) if pair_kind else 0} {pair_kind or 'no'} pairs", flush=True)
-
   if pair_kind is None:
     # The very item-text stream phase1_dataset would interleave (stream 0, same seed).
     data_ds = pipeline.batches(sets.item_text, "item_text", global_batch=int(pc.text_batch),
@@ -266,7 +267,24 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   else:
     data_ds = pipeline.phase1_dataset(sets, text_batch=int(pc.text_batch),
                                       pair_batch=int(pc.pair_batch), seed=int(pc.seed))
-  data = pipeline.to_iterator(data_ds)
+  return TrainingData(ds, split, emb, all_text, heldout, pipeline.to_iterator(data_ds))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        on_step: Callable[[int, Mapping[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+  """Trains, evaluates and saves; returns the results records written.
+
+  Args:
+    config: ``configs/phase1.py``.
+    workdir: run folder (checkpoints, metrics, results.json, phase1/).
+    on_step: test hook passed to ``train.train``.
+  """
+  wall0 = time.perf_counter()
+  d = training_data(config, workdir)
+  ds, split, emb, all_text, heldout, data = (d.ds, d.split, d.emb, d.all_text, d.heldout,
+                                             d.data)
+  variant, pc = config.variant, config.pipeline
+  pair_kind = PAIR_KINDS[variant]
 
   # ---- model ----
   item_emb, user_emb = emb.item_emb, emb.user_emb
