@@ -260,3 +260,39 @@ def test_phase2_tool_call_task_leaves_the_other_tasks_unchanged():
   n_seq = sum(s.task == "sequential" for s in base)
   assert {s.task for s in extra} == {"tool_call"}
   assert len(extra) == round(n_seq * phase2.DEFAULT_WEIGHTS["tool_call"]) > 0
+
+
+def test_invented_titles_are_found():
+  shown = ["The Silent Tower (1960s)"]
+  assert session.invented_titles("Try The Silent Tower (1960s)!", shown) == []
+  assert session.invented_titles(
+      "You can find a Golden Dream (2010s) in the island of Ai (2010s)", []) == [
+          "You can find a Golden Dream (2010s)", "Ai (2010s)"]
+  # A real title next to a made-up one: only the made-up one is reported.
+  assert session.invented_titles("The Silent Tower (1960s) or Moon Song (1999)", shown) == [
+      "Moon Song (1999)"]
+
+
+def test_a_reply_with_made_up_items_is_replaced_by_the_catalogue_items(served, monkeypatch):
+  _scripted(served, monkeypatch, [
+      '<tool_call>[{"name": "recommend", "arguments": {"k": 2}}]</tool_call>',
+      "You will love Golden Dream (2010s)."])
+  cs = session.ChatSession(served, CFG, liked=[3, 10])
+  r = cs.send("recommend something")
+  want = [i for i, _ in served.recommend([3, 10], 2)]
+  assert r["invented"] == ["You will love Golden Dream (2010s)"]
+  assert "Golden Dream" not in r["reply"] and r["reply"].startswith(session.FOUND)
+  assert [it["id"] for it in r["items"]] == want
+  assert all(served.catalogue.display(i) in r["reply"] for i in want)
+  # The made-up text does not enter the conversation either.
+  assert "Golden Dream" not in str(cs.messages)
+
+
+def test_a_search_that_finds_nothing_lets_the_fallback_recommend(served, monkeypatch):
+  _scripted(served, monkeypatch, [
+      '<tool_call>[{"name": "search_items", "arguments": {"query": "zzzz"}}]</tool_call>',
+      "", "Here you go."])
+  cs = session.ChatSession(served, CFG, liked=[3, 10])
+  r = cs.send("Can you recommend something for me?")
+  assert [c["by"] for c in r["tool_calls"]] == ["model", "fallback"]
+  assert not r["tool_calls"][0]["items"] and r["tool_calls"][1]["items"]

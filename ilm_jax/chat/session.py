@@ -26,6 +26,8 @@ One turn (``ChatSession.send``):
 4. **Grounding post-check**: the items the reply names are found in the catalogue; when a
    tool produced items the reply does not name, a line listing them is appended
    (``grounded`` marks it), so every answer that recommends names real catalogue items.
+   A reply naming a "Title (year)" the catalogue does not have is replaced by that list
+   (``invented`` names what was made up).
 
 The reply record shows everything: model text, tool calls and results, items.
 """
@@ -125,6 +127,25 @@ class SessionConfig:
 
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+# "Some Title (1970s)" / "Some Title (1995)": how catalogue items are displayed.
+_TITLE_YEAR = re.compile(r"([A-Z][^()\n.;:!?]{0,80}?)\s*\((\d{4}s?)\)")
+# The reply that replaces one naming items the catalogue does not have.
+FOUND = "Here is what I found in the catalogue."
+
+
+def invented_titles(reply: str, named_displays: Sequence[str]) -> list[str]:
+  """The "Title (year)" phrases in ``reply`` that are none of ``named_displays`` (the
+  catalogue items found in it): items the model made up."""
+  low = reply.lower()
+  known = [(d.lower(), m.start()) for d in named_displays for m in
+           re.finditer(re.escape(d.lower()), low)]
+  out = []
+  for m in _TITLE_YEAR.finditer(reply):
+    if not any(start <= m.end() - 1 < start + len(d) for d, start in known):
+      out.append(m.group(0).strip())
+  return out
 
 
 def dedupe_sentences(text: str) -> str:
@@ -264,7 +285,8 @@ class ChatSession:
        (each {'by': 'model' | 'fallback', 'after_output', 'call', 'items', 'text',
        'error'}),
        'model_text': [raw generations], 'mentioned': [...], 'ask_back': bool,
-       'grounded': bool}.
+       'grounded': bool, 'invented': ["Title (year)"s the model made up; the reply then
+       lists the tools' catalogue items instead]}.
     """
     self.last_used = time.monotonic()
     if not isinstance(text, str) or not text.strip():
@@ -272,7 +294,7 @@ class ChatSession:
     if len(text) > MAX_MESSAGE_CHARS:
       raise ValueError(f"message is {len(text)} characters; the limit is {MAX_MESSAGE_CHARS}")
     record: dict[str, Any] = {"tool_calls": [], "model_text": [], "ask_back": False,
-                              "grounded": False}
+                              "grounded": False, "invented": []}
     mentioned, ambiguous = self._mentions(text)
     record["mentioned"] = [self.catalogue.details(i) for i in mentioned]
     if ambiguous is not None:
@@ -301,7 +323,8 @@ class ChatSession:
     def run(call, by):
       nonlocal ok
       res = self._call(call, record, by)
-      ok |= not res.error
+      # A call that found nothing ("nothing matches 'something'") did not help either.
+      ok |= not res.error and bool(res.items)
       tool_items.extend(res.items)
       if res.call.name == "item_details" and res.items and res.text:
         facts[res.items[0]] = res.text
@@ -323,8 +346,12 @@ class ChatSession:
       if fallback:
         out = self._generate(record)
     reply = dedupe_sentences(tools_lib.strip_tool_calls(out))
-    model_reply = reply
     named = self.catalogue.find_mentions(reply, min_words=1)
+    record["invented"] = invented_titles(reply, [self.catalogue.display(i) for i in named])
+    if record["invented"]:
+      # A small model makes up "Title (1970s)"s: show only what the catalogue holds.
+      reply, named = (FOUND if tool_items else ""), []
+    model_reply = reply
     missing = [i for i in dict.fromkeys(tool_items) if i not in named]
     lines = [f"{self.catalogue.display(i)}: {facts[i]}" for i in facts if facts[i] not in reply]
     if missing and len(missing) > len(facts):
