@@ -296,3 +296,22 @@ def test_a_search_that_finds_nothing_lets_the_fallback_recommend(served, monkeyp
   r = cs.send("Can you recommend something for me?")
   assert [c["by"] for c in r["tool_calls"]] == ["model", "fallback"]
   assert not r["tool_calls"][0]["items"] and r["tool_calls"][1]["items"]
+
+
+def test_a_question_about_a_listed_item_gets_its_details_even_after_other_calls(
+    served, monkeypatch):
+  want = [i for i, _ in served.recommend([3, 10], 4)]
+  query = served.catalogue.display(want[1])     # a search that finds something else
+  _scripted(served, monkeypatch, [
+      "", "Here.",  # turn 1: no call (the fallback recommends), then the answer
+      tools.format_call("search_items", {"query": query}), "It is a story.",
+      "It is a story."])
+  cs = session.ChatSession(served, CFG, liked=[3, 10])
+  assert [it["id"] for it in cs.send("Recommend 4 please")["items"]] == want
+  r = cs.send("Tell me more about the first one")
+  calls = [(c["by"], c["call"]["name"]) for c in r["tool_calls"]]
+  assert calls[0] == ("model", "search_items") and r["tool_calls"][0]["items"]
+  assert ("fallback", "item_details") in calls
+  details = [c for c in r["tool_calls"] if c["call"]["name"] == "item_details"]
+  assert details[0]["call"]["arguments"] == {"id": want[0]}
+  assert served.catalogue.display(want[0]) in r["reply"]

@@ -21,7 +21,9 @@ One turn (``ChatSession.send``):
    / describe" with a mentioned item -> ``item_details`` -- the model's call-less answer
    is dropped, the calls are written into the conversation exactly as a model call would
    be, and the model answers on their results. Every call records who made it (``by``:
-   'model' or 'fallback'). ``recommend`` never returns what the session already
+   'model' or 'fallback'). A question about a named item gets that item's
+   ``item_details`` even when the model's own calls looked up something else.
+   ``recommend`` never returns what the session already
    recommended ("3 more" means new ones).
 4. **Grounding post-check**: the items the reply names are found in the catalogue; when a
    tool produced items the reply does not name, a line listing them is appended
@@ -339,8 +341,15 @@ class ChatSession:
       for call in calls[:3]:
         run(call, "model")
       out = self._generate(record)
-    if not ok and self.c.intents:
+    if self.c.intents:
       fallback = self._intents(text, mentioned)
+      if ok:
+        # The model's calls worked, but a question about a named item is answered from
+        # that item's details whatever else the model looked up.
+        described = {str(c["call"]["arguments"].get("id")) for c in record["tool_calls"]
+                     if c["call"]["name"] == "item_details" and c["items"]}
+        fallback = [c for c in fallback
+                    if c.name == "item_details" and str(c.arguments["id"]) not in described]
       for call in fallback:
         run(call, "fallback")
       if fallback:
