@@ -42,15 +42,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 def build(args):
   """The ServedModel (an export / a trained workdir / untrained SmolLM2 stand-in)."""
-  if args.adapter:
-    from ilm_jax.chat import export  # noqa: PLC0415
-    return export.load(args.adapter)
-  if args.workdir:
-    from configs import chat as chat_cfg  # noqa: PLC0415
+  if args.adapter or args.workdir:
     from ilm_jax.jobs import chat  # noqa: PLC0415
-    c = chat_cfg.get_config(args.config_arg)
-    c.export = False
-    return chat.load_served(c, args.workdir)
+    return chat.served_from(args.adapter, args.workdir, args.config_arg)
   import ml_collections  # noqa: PLC0415
 
   from ilm_jax.chat import model as model_lib  # noqa: PLC0415

@@ -38,15 +38,9 @@ def rss_mb() -> float:
 
 
 def load(args):
-  from ilm_jax.chat import export  # noqa: PLC0415
-  if args.adapter:
-    return export.load(args.adapter)
-  if args.workdir:
-    from configs import chat as chat_cfg  # noqa: PLC0415
+  if args.adapter or args.workdir:
     from ilm_jax.jobs import chat  # noqa: PLC0415
-    c = chat_cfg.get_config(args.config_arg)
-    c.export = False
-    return chat.load_served(c, args.workdir)
+    return chat.served_from(args.adapter, args.workdir, args.config_arg)
   from tests import _chat_tiny  # noqa: PLC0415
   return _chat_tiny.served()
 

@@ -49,6 +49,15 @@ def load_served(config: ml_collections.ConfigDict, workdir: str) -> model_lib.Se
   return served
 
 
+def served_from(adapter: str, workdir: str, config_arg: str = "") -> model_lib.ServedModel:
+  """``load_served`` for tools and benchmarks: an adapter export, else the trained model in
+  ``workdir``; ``configs/chat.py:config_arg`` gives the rest. Never re-exports."""
+  from ilm_jax import config_lib, resources  # noqa: PLC0415
+  config = config_lib.load_config_file(resources.REPO_ROOT / "configs" / "chat.py", config_arg)
+  config.adapter, config.export = adapter or "", False
+  return load_served(config, workdir)
+
+
 def format_turn(text: str, record: dict) -> str:
   """A transcript entry: the person; the model's outputs, each followed by the tool calls
   after it and who made them ('model': parsed from that output; 'fallback': the intent
