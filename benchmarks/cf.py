@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import time
 
 import numpy as np
 
-from ilm_jax import config_lib
+from ilm_jax import benchmarking, config_lib
 from ilm_jax.cf import mf
 from ilm_jax.data import sources, types
 from ilm_jax.evals import ranking
@@ -73,9 +72,7 @@ def main() -> None:
   for r in rows:
     print("  ".join(f"{r[c]:>9.4g}" if isinstance(r[c], float | np.floating) else f"{r[c]:>9}"
                     for c in cols))
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump({"dataset": ds.name, "split": "valid", "rows": rows}, f, indent=1)
+  benchmarking.write_json(args.out, {"dataset": ds.name, "split": "valid", "rows": rows})
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ same GGUF is timed there too and the ratios are printed; otherwise that part is 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys
@@ -27,7 +26,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ilm_jax import generation, resources  # noqa: E402
+from ilm_jax import benchmarking, generation, resources  # noqa: E402
 from ilm_jax.models import llm_loading  # noqa: E402
 
 
@@ -167,13 +166,11 @@ def main(argv=None) -> None:
       print(f"torch batch {tr['batch']}: prefill {tr['prefill_tok_s']:.0f} tok/s "
             f"(jax/torch {r['prefill_tok_s'] / tr['prefill_tok_s']:.2f}x), decode "
             f"{tr['decode_tok_s']:.1f} tok/s (jax/torch {r['decode_tok_s'] / tr['decode_tok_s']:.2f}x)")
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump({"model": path, "device": jax.devices()[0].device_kind, "cpus": os.cpu_count(),
-                 "load_avg": os.getloadavg()[0], "load_s": load_s,
-                 "matmul_ceiling_gflop_s": ceiling, "peak_rss_mb": peak_rss_mb,
-                 "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "jax": rows,
-                 "torch": torch_rows}, f, indent=1)
+  benchmarking.write_json(args.out, {
+      "model": path, "device": jax.devices()[0].device_kind, "cpus": os.cpu_count(),
+      "load_avg": os.getloadavg()[0], "load_s": load_s, "matmul_ceiling_gflop_s": ceiling,
+      "peak_rss_mb": peak_rss_mb, "prompt_len": args.prompt_len,
+      "new_tokens": args.new_tokens, "jax": rows, "torch": torch_rows})
 
 
 if __name__ == "__main__":

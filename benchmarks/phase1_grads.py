@@ -25,7 +25,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from ilm_jax import config_lib, phase1  # noqa: E402
+from ilm_jax import benchmarking, config_lib, phase1  # noqa: E402
 from ilm_jax.jobs import phase1 as phase1_job  # noqa: E402
 
 TERMS = {"itc": dict(itc_weight=1.0, itm_weight=0.0, itg_weight=0.0),
@@ -95,9 +95,7 @@ def main() -> int:
     compare(*args.compare)
     return 0
   result = gradients(args.config, args.workdir, args.cf_path)
-  if args.out:
-    pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+  benchmarking.write_json(args.out, result)
   return 0
 
 

@@ -243,13 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     elif "hf" in parts:
       line.append(f"(HF skipped: {r.get('hf_skipped', '')})")
     print("  ".join(line), flush=True)
-  load_after = os.getloadavg()
-  result = {"xla_flags": os.environ.get("XLA_FLAGS", ""), "ceiling": ceiling, "load_before": load, "load_after": load_after,
-            "devices": [str(d) for d in jax.devices()], "rows": rows}
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=1)
-    print(f"wrote {args.out}")
+  benchmarking.write_json(args.out, {"xla_flags": os.environ.get("XLA_FLAGS", ""),
+                                     "ceiling": ceiling, "load_before": load, "rows": rows})
   return 0
 
 

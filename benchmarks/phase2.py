@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 import time
@@ -162,12 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['item_keys_s']:.2f}",
                       str(r["prompt_len"]), f"{r['train_compile_s']:.0f}",
                       f"{r['peak_rss_gib']:.2f}"]))
-  result = {"load_before": load, "load_after": os.getloadavg(),
-            "devices": [str(d) for d in jax.devices()], "rows": rows}
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=1)
-    print(f"wrote {args.out}")
+  benchmarking.write_json(args.out, {"load_before": load, "rows": rows})
   return 0
 
 

@@ -7,6 +7,8 @@ machines (or a loaded machine) stay comparable.
 
 from __future__ import annotations
 
+import json
+import os
 import resource
 import sys
 import time
@@ -80,3 +82,15 @@ def current_rss_bytes() -> int:
   """Current resident memory of this process (bytes)."""
   import psutil  # noqa: PLC0415
   return int(psutil.Process().memory_info().rss)
+
+
+def write_json(path: str, result: dict[str, Any]) -> None:
+  """Writes a benchmark's result (plus the machine's load and devices) to ``path`` and
+  says so; no-op when ``path`` is empty (no ``--out``)."""
+  if not path:
+    return
+  result = {"load_after": os.getloadavg(), "devices": [str(d) for d in jax.devices()],
+            **result}
+  with open(path, "w") as f:
+    json.dump(result, f, indent=1)
+  print(f"wrote {path}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import jax.numpy as jnp
@@ -92,3 +93,12 @@ def test_matmul_ceiling_and_rss():
   block = np.ones(peak_before // 8 + 64 * 2**20 // 8)  # touch more than the peak so far
   assert benchmarking.peak_rss_bytes() >= max(peak_before, rss_before + 0.9 * block.nbytes)
   del block
+
+
+def test_benchmark_json_records_the_machine(tmp_path):
+  out = tmp_path / "bench.json"
+  benchmarking.write_json(str(out), {"rows": [{"x": 1}]})
+  got = json.loads(out.read_text())
+  assert got["rows"] == [{"x": 1}] and got["devices"] and len(got["load_after"]) == 3
+  benchmarking.write_json("", {"rows": []})   # no --out: nothing written, no error
+  assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]
