@@ -306,14 +306,8 @@ class ChatSession:
                     ask_back=True)
       self._shown(ambiguous.items)
       return record
-    parts: list = [text]
-    if mentioned:
-      parts.append(" (items:")
-      for n, i in enumerate(mentioned):
-        parts += [("," if n else "") + " " + P.item_name(self.catalogue.display(i), ""),
-                  P.Slot(P.ITEM, i)]
-      parts.append(")")
-    self.messages.append(("user", tuple(parts)))
+    names = [P.item_name(self.catalogue.display(i), "") for i in mentioned]
+    self.messages.append(("user", P.with_items(text, names, mentioned)))
     if not _DETAILS.search(text):
       self.history += [i for i in mentioned if i not in self.history]
 

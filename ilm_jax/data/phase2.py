@@ -572,11 +572,8 @@ def _turns_tool_call(ds, f, rng, liked, label):
     ask = _TOOL_DETAILS[rng.integers(len(_TOOL_DETAILS))].format(t=names[-1])
     liked, names = liked[-1:], names[-1:]
     args = {"id": names[0]}
-  q: list = [ask, " (items:"]
-  for n, i in enumerate(liked):
-    q += [("," if n else "") + " " + names[n], P.Slot(P.ITEM, int(i))]
-  q.append(")")
-  return [P.Turn("system", (chat_tools.system_prompt(label),)), P.Turn("user", tuple(q)),
+  q = P.with_items(ask, names, liked)
+  return [P.Turn("system", (chat_tools.system_prompt(label),)), P.Turn("user", q),
           P.Turn("assistant", (chat_tools.format_call(kind, args),))]
 
 

@@ -228,6 +228,18 @@ TITLE_WORDS = 8
 _DANGLING = {"", "and", "with", "by", "for", "of", "the", "a", "an", "in", "to", "or"}
 
 
+def with_items(text: str, names: Sequence[str], items: Sequence[int]) -> tuple:
+  """A person's message followed by the items it mentions, as the chat session shows them
+  to the model: ``text (items: name <item tokens>, name <item tokens>)``."""
+  parts: list = [text]
+  if items:
+    parts.append(" (items:")
+    for n, (name, i) in enumerate(zip(names, items, strict=True)):
+      parts += [("," if n else "") + " " + name, Slot(ITEM, int(i))]
+    parts.append(")")
+  return tuple(parts)
+
+
 def item_name(title: str, item_token: str) -> str:
   """How a conversation names an item: its title cut to ``TITLE_WORDS`` words (Amazon
   titles run to 270 tokens), else "item_<tok>"."""
