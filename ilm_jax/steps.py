@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 from flax import nnx
 
@@ -79,3 +80,32 @@ def make_eval_step(graphdef: nnx.GraphDef,
     return metrics_fn(nnx.merge(graphdef, trainable, frozen, copy=True), batch)
 
   return eval_step
+
+
+def gradient_check(loss_of: Callable[[Any], jax.Array], params: Any,
+                   eps: float = 1e-2) -> tuple[Any, dict[str, float]]:
+  """Checks ``jax.grad(loss_of)`` by central differences along the unit gradient.
+
+  Along ``u = g / |g|`` the directional derivative of the loss is ``|g|``, so
+  ``(loss(p + eps u) - loss(p - eps u)) / (2 eps)`` must equal the norm. Needs no reference
+  values, so a backward pass that is wrong on one backend (while its forward pass is right)
+  shows up on that backend alone.
+
+  Args:
+    loss_of: ``params -> float32[]`` (jit it first; it is called three times).
+    params: the pytree to differentiate.
+    eps: step in parameter space.
+
+  Returns:
+    (the gradient, {'loss', 'norm' (analytic), 'numeric', 'rel_err', 'resolution'}) where
+    ``resolution`` is how far float32 rounding of the two losses alone can move ``numeric``.
+  """
+  loss, grads = jax.value_and_grad(loss_of)(params)
+  norm = float(optax.tree.norm(grads))
+  unit = jax.tree.map(lambda g: g / norm, grads)
+  plus = float(loss_of(jax.tree.map(lambda p, u: p + eps * u, params, unit)))
+  minus = float(loss_of(jax.tree.map(lambda p, u: p - eps * u, params, unit)))
+  numeric = (plus - minus) / (2 * eps)
+  return grads, {"loss": float(loss), "norm": norm, "numeric": numeric,
+                 "rel_err": abs(numeric - norm) / max(norm, 1e-30),
+                 "resolution": float(np.spacing(np.float32(abs(float(loss))))) / eps}
