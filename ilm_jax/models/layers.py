@@ -41,9 +41,28 @@ def layer_norm(dim: int, eps: float, *, rngs: nnx.Rngs, dtype=None) -> nnx.Layer
       bias_init=with_logical(nnx.initializers.zeros, ("embed",)))
 
 
+@jax.custom_jvp
 def gelu(x: jax.Array) -> jax.Array:
-  """Exact (erf) GELU, as BERT/MiniLM/BLIP-2 use; jax's default is the tanh approximation."""
-  return jax.nn.gelu(x, approximate=False)
+  """Exact (erf) GELU ``x * Phi(x)``, as BERT/MiniLM/BLIP-2 use (torch's ``0.5 x (1 + erf(x/√2))``).
+
+  Not ``jax.nn.gelu(approximate=False)``: that is written with ``erfc(-x/√2)``, which XLA CPU
+  lowers to a branchy rational approximation about twice as slow as ``erf`` (fwd+bwd of the
+  FFN activation: 6.5 -> 3.6 ms at [32, 48, 1536], one core); the two agree to ~1e-6 absolute.
+  The derivative ``Phi(x) + x phi(x)`` is written out so the backward pass reuses ``Phi(x)``.
+  """
+  return x * _normal_cdf(x)
+
+
+def _normal_cdf(x: jax.Array) -> jax.Array:
+  return 0.5 * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))).astype(x.dtype))
+
+
+@gelu.defjvp
+def _gelu_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  cdf = _normal_cdf(x)
+  pdf = jnp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+  return x * cdf, dx * (cdf + x * pdf)
 
 
 class Attention(nnx.Module):
