@@ -25,10 +25,28 @@ def normal_init(std: float) -> nnx.Initializer:
   return nnx.initializers.normal(stddev=std)
 
 
+class Dense(nnx.Linear):
+  """``nnx.Linear`` (same params, same numbers) that multiplies as one 2-D matmul.
+
+  ``float[..., in]`` is flattened to ``float[N, in]`` first. With the leading axes kept,
+  the backward pass contracts the weight gradient over two axes (batch, length) and XLA
+  CPU materialises a transposed copy of the activation gradient before the matmul; the
+  2-D form is a plain ``x^T dy`` the matmul library takes as is. Q-Former joint pass
+  fwd+bwd at the default size, one XLA thread: -7% CPU time.
+  """
+
+  def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+    if inputs.ndim <= 2 or out_sharding is not None:
+      return super().__call__(inputs, out_sharding=out_sharding)
+    lead = inputs.shape[:-1]
+    y = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
+    return y.reshape(*lead, y.shape[-1])
+
+
 def dense(in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
-          rngs: nnx.Rngs, init_std: float = 0.02, dtype=None) -> nnx.Linear:
+          rngs: nnx.Rngs, init_std: float = 0.02, dtype=None) -> Dense:
   """A Linear layer (kernel ``[in, out]``, bias) with logical axes on both params."""
-  return nnx.Linear(
+  return Dense(
       in_features, out_features, kernel_init=with_logical(normal_init(init_std), axes),
       bias_init=with_logical(nnx.initializers.zeros, (axes[1],)), dtype=dtype, rngs=rngs)
 
