@@ -115,12 +115,16 @@ def main() -> int:
   parser.add_argument("--check", action="store_true",
                       help="also check the gradient by central differences on this backend")
   parser.add_argument("--eps", type=float, default=1e-2, help="--check's step in parameter space")
+  parser.add_argument("--eager", action="store_true",
+                      help="op by op (jax.disable_jit): a compiler bug shows as jit != eager")
   parser.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two --out files")
   args = parser.parse_args()
   if args.compare:
     compare(*args.compare)
     return 0
-  result = gradients(args.config, args.workdir, args.cf_path, args.check, args.eps)
+  with jax.disable_jit(args.eager):
+    result = gradients(args.config, args.workdir, args.cf_path, args.check, args.eps)
+  result["eager"] = args.eager
   benchmarking.write_json(args.out, result)
   return 0
 
