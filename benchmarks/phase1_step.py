@@ -2,6 +2,7 @@ r"""Phase 1 train-step throughput: examples/s, step time, FLOP/s vs the machine'
 
   .venv/bin/python benchmarks/phase1_step.py [--sizes=tiny,default,paper] [--batch=N]
       [--text_len=48] [--repeats=3] [--parts=step,encoder,hf] [--torch_python=PY] [--out=FILE]
+      [--no-hugepages]
 
 Sizes (random-init weights; shapes are what matter):
   tiny     2 layers, 64 wide, 4 heads, K=4            (configs/phase1.py:tiny)
@@ -23,7 +24,9 @@ memory token every 2nd layer) forward+backward into every parameter, no heads or
 python if it has torch, else ``--torch_python=PATH`` (a separate environment: torch is never a
 dependency of ilm_jax) — after our timings, with the same thread count; otherwise the row
 says why it was skipped. Both report examples/s = batch / (forward+backward seconds) and the
-ratio ours/HF. To compare at one thread each: ``XLA_FLAGS="--xla_cpu_multi_thread_eigen=false
+ratio ours/HF. The script re-executes itself with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``
+(``HUGEPAGE_TUNABLE``; ``--no-hugepages`` runs as launched), which both sides inherit. To
+compare at one thread each: ``XLA_FLAGS="--xla_cpu_multi_thread_eigen=false
 intra_op_parallelism_threads=1" ... --hf_threads=1``.
 """
 
@@ -57,6 +60,11 @@ SIZES = {
                   num_query_tokens=32, proj_dim=256),
 }
 NUM_ITEMS, CF_DIM = 1000, 64
+# glibc malloc asks the kernel for transparent huge pages on the memory it maps. XLA CPU maps
+# a fresh temp buffer per call (0.44 GB at the default size, ~2 GB at paper) and first-touches
+# it in 4 KiB pages (~140k minor faults, ~1.7 us each, per default-size joint pass: ~10% of
+# its CPU time). With the tunable: ~15k faults. Read at process start only, hence the re-exec.
+HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
 def _flops(compiled) -> float:
@@ -165,8 +173,24 @@ def bench_hf_blip2(name: str, batch: int, text_len: int, repeats: int,
   return best | {"hf_by_threads": {r["threads"]: r["hf_fwd_bwd_s"] for r in results}}
 
 
+def _reexec_with_hugepages() -> None:
+  """Restarts this script with ``HUGEPAGE_TUNABLE`` in ``GLIBC_TUNABLES`` (if not set yet).
+
+  The HF subprocess inherits it too, so both sides run with the same allocator setting.
+  """
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
+  if HUGEPAGE_TUNABLE.split("=")[0] in tunables or not sys.platform.startswith("linux"):
+    return
+  env = dict(os.environ, GLIBC_TUNABLES=":".join(t for t in (tunables, HUGEPAGE_TUNABLE) if t))
+  sys.stdout.flush()
+  os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--hugepages", action=argparse.BooleanOptionalAction, default=True,
+                 help=f"run with GLIBC_TUNABLES={HUGEPAGE_TUNABLE} (re-executes this script "
+                      "when it is not set; --no-hugepages: as launched)")
   p.add_argument("--sizes", default="tiny,default,paper")
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--text_len", type=int, default=48)
@@ -183,13 +207,16 @@ def main(argv: list[str] | None = None) -> int:
                  help="alternate the encoder and hf parts this often; keep each one's best")
   p.add_argument("--out", default="")
   args = p.parse_args(argv)
+  if args.hugepages and argv is None:
+    _reexec_with_hugepages()
   parts = set(args.parts.split(","))
 
   load = os.getloadavg()
   ceiling = benchmarking.measure_matmul_ceiling(n=args.ceiling_n)
   print(f"devices {jax.devices()}; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} "
         f"on {os.cpu_count()} cpus; matmul ceiling {ceiling['gflops']:.1f} GFLOP/s "
-        f"(f32 {args.ceiling_n}^2); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+        f"(f32 {args.ceiling_n}^2); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}", flush=True)
   rows = []
   for name in args.sizes.split(","):
     r = {"size": name, "load_before": os.getloadavg()}
@@ -244,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
       line.append(f"(HF skipped: {r.get('hf_skipped', '')})")
     print("  ".join(line), flush=True)
   benchmarking.write_json(args.out, {"xla_flags": os.environ.get("XLA_FLAGS", ""),
+                                     "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
                                      "ceiling": ceiling, "load_before": load, "rows": rows})
   return 0
 
