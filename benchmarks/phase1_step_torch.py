@@ -83,15 +83,17 @@ def bench(size: str, batch: int, text_len: int, repeats: int, threads: int) -> d
     out.sum().backward()
 
   fwd_bwd()  # warm-up (allocator, oneDNN primitive cache)
-  times = []
+  times, cpu = [], []
   for _ in range(repeats):
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     fwd_bwd()
     times.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)  # all threads; includes OpenMP spin-waiting
   seconds = float(np.median(times))
   return {"size": size, "batch": batch, "text_len": text_len, "threads": threads,
           "hf_params": sum(p.numel() for p in model.parameters()),
           "hf_fwd_bwd_s": seconds, "hf_examples_per_s": batch / seconds,
+          "hf_cpu_s": float(np.mean(cpu)),
           "hf_times": times, "torch": torch.__version__,
           "attn_implementation": getattr(model.encoder.config, "_attn_implementation", "")}
 
