@@ -215,3 +215,17 @@ def test_bfloat16_compute_runs():
   assert out.dtype == jnp.float32 and np.isfinite(out).all()
   np.testing.assert_allclose(out, qformer.QFormer(TINY, rngs=nnx.Rngs(0)).itm_logits(
       cf, ids, valid), atol=0.1)
+
+
+def test_cross_attention_init_std():
+  """Only the cross-attention layers take ``cross_attention_init_std``; None keeps BLIP-2's."""
+  def stds(cfg):
+    m = qformer.QFormer(cfg, rngs=nnx.Rngs(0))
+    layer = m.layers[0]
+    return (float(np.std(np.asarray(layer.cross_attention.value.kernel[...]))),
+            float(np.std(np.asarray(layer.self_attention.value.kernel[...]))))
+  base = dict(TINY.__dict__, hidden_size=64, initializer_range=0.02)
+  cross, self_ = stds(qformer.QFormerConfig(**{**base, "cross_attention_init_std": 0.125}))
+  assert abs(cross - 0.125) < 0.01 and abs(self_ - 0.02) < 0.002
+  cross, self_ = stds(qformer.QFormerConfig(**base))
+  assert abs(cross - 0.02) < 0.002 and abs(self_ - 0.02) < 0.002

@@ -93,7 +93,8 @@ def build_qformer(model_cfg: ml_collections.ConfigDict, cf_dim: int) -> qformer_
   common = dict(num_query_tokens=int(model_cfg.num_query_tokens), cf_dim=cf_dim,
                 num_memory_tokens=int(model_cfg.num_memory_tokens),
                 cross_attention_frequency=int(model_cfg.cross_attention_frequency),
-                proj_dim=int(model_cfg.proj_dim))
+                proj_dim=int(model_cfg.proj_dim),
+                cross_attention_init_std=float(model_cfg.cross_init_std) or None)
   init = model_cfg.init
   if init == "random":
     cfg = qformer_lib.QFormerConfig(

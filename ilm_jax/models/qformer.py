@@ -70,6 +70,10 @@ class QFormerConfig:
     num_memory_tokens: M memory tokens made from one CF vector.
     proj_dim: width of the contrastive space (item_proj / text_proj).
     initializer_range: stddev of the normal init of new weights.
+    cross_attention_init_std: stddev of the cross-attention layers' init; None =
+      ``initializer_range`` (BLIP-2). With one memory token and BERT's 0.02 the item's
+      share of a query output at init is ~5% at H=128 (different items' features have
+      cosine 0.998), so ITC starts on a plateau; ~1/sqrt(H) lifts it (docs/PHASE1.md).
     temp_init: initial value of the learnable temperatures.
     dec_token_id: id of ``[DEC]`` (the ITG BOS); None = no decoder token.
     cls_token_id: id of ``[CLS]``.
@@ -93,6 +97,7 @@ class QFormerConfig:
   num_memory_tokens: int = 1
   proj_dim: int = 256
   initializer_range: float = 0.02
+  cross_attention_init_std: float | None = None
   temp_init: float = 0.07
   dec_token_id: int | None = BERT_VOCAB_SIZE
   cls_token_id: int = BERT_CLS_ID
@@ -164,8 +169,9 @@ class QFormerLayer(nnx.Module):
               rngs=rngs)
     h = cfg.hidden_size
     self.self_attention = layers.Attention(h, cfg.num_heads, **kw)
+    cross_std = cfg.cross_attention_init_std or cfg.initializer_range
     self.cross_attention = (
-        layers.Attention(h, cfg.num_heads, kv_dim=cfg.mem_dim, **kw)
+        layers.Attention(h, cfg.num_heads, kv_dim=cfg.mem_dim, **{**kw, "init_std": cross_std})
         if cfg.has_cross_attention(index) else None)
     self.ffn = layers.FeedForward(h, cfg.intermediate_size, **kw)
     self.ffn_query = layers.FeedForward(h, cfg.intermediate_size, **kw)
