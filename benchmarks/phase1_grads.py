@@ -16,6 +16,15 @@ gradient of the first item-text batch, with the training step's own rng
       --cf_path=W/cf/embeddings.npz --workdir=/tmp/g1 --check --out=grads_cpu.json
   (GPU: the same, then with JAX_DEFAULT_MATMUL_PRECISION=highest) ... --out=grads_gpu.json
   python benchmarks/phase1_grads.py --compare grads_cpu.json grads_gpu.json
+
+* with ``--stages``, localises an ITC backward that differs between backends: it splits the
+  ITC term into pieces (the head from features to loss, the L2-normalised projections, the
+  query pass, the CF-memory projection, the text pass), jits each piece on its own, chains
+  their pullbacks, and does this on the default backend and on the CPU backend of the same
+  process. It prints each cotangent and parameter gradient on both with their relative
+  difference, and the fused ITC gradient (one jit, as in training) beside the chained one:
+  a piece that differs alone is a kernel bug; fused != chained on one backend only is a
+  fusion bug across the pieces.
 """
 
 from __future__ import annotations
@@ -33,8 +42,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from ilm_jax import benchmarking, config_lib, phase1, steps  # noqa: E402
+from ilm_jax import benchmarking, config_lib, losses, masks, phase1, steps  # noqa: E402
 from ilm_jax.jobs import phase1 as phase1_job  # noqa: E402
+from ilm_jax.models import qformer as qformer_lib  # noqa: E402
 
 TERMS = {"itc": dict(itc_weight=1.0, itm_weight=0.0, itg_weight=0.0),
          "itm": dict(itc_weight=0.0, itm_weight=1.0, itg_weight=0.0),
@@ -45,17 +55,7 @@ TERMS = {"itc": dict(itc_weight=1.0, itm_weight=0.0, itg_weight=0.0),
 def gradients(config_arg: str, workdir: str, cf_path: str, check: bool = False,
               eps: float = 1e-2) -> dict:
   """{'backend', 'precision', 'terms': {term: {'loss', 'norm', 'params', ['check']}}}."""
-  path, _, arg = config_arg.partition(":")
-  config = config_lib.load_config_file(path, arg)
-  with config.unlocked():
-    config.cf_path = cf_path or config.cf_path
-  d = phase1_job.training_data(config, workdir)
-  batch = dict(next(d.data))
-  while batch.get("kind", "item_text") != "item_text":
-    batch = dict(next(d.data))
-  batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "kind"}
-  model = phase1.Phase1Model(phase1_job.build_qformer(config.model, d.emb.item_emb.shape[1]),
-                             d.emb.item_emb, d.emb.user_emb)
+  config, model, batch = _first_item_text_batch(config_arg, workdir, cf_path)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   rng = jax.random.fold_in(jax.random.key(int(config.train.seed)), 0)  # the first step's
   out = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
@@ -89,6 +89,100 @@ def gradients(config_arg: str, workdir: str, cf_path: str, check: bool = False,
   return out
 
 
+def _first_item_text_batch(config_arg: str, workdir: str, cf_path: str):
+  """(config, model, the first item-text batch as jnp arrays) as the training job builds them."""
+  path, _, arg = config_arg.partition(":")
+  config = config_lib.load_config_file(path, arg)
+  with config.unlocked():
+    config.cf_path = cf_path or config.cf_path
+  d = phase1_job.training_data(config, workdir)
+  batch = dict(next(d.data))
+  while batch.get("kind", "item_text") != "item_text":
+    batch = dict(next(d.data))
+  batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "kind"}
+  model = phase1.Phase1Model(phase1_job.build_qformer(config.model, d.emb.item_emb.shape[1]),
+                             d.emb.item_emb, d.emb.user_emb)
+  return config, model, batch
+
+
+def itc_stages(config_arg: str, workdir: str, cf_path: str) -> dict:
+  """The ITC gradient piece by piece on the default and the CPU backend (``--stages``).
+
+  Returns:
+    {'backends': [default, 'cpu'], 'rows': [(name, norm on each, rel diff)]}.
+  """
+  config, model, batch = _first_item_text_batch(config_arg, workdir, cf_path)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  smoothing = float(config.loss.label_smoothing)
+  items, ids, valid = batch["item"], batch["input_ids"], batch["input_mask"]
+
+  def pure(fn):  # (params, rest, *args) -> fn(model, *args), jitted on its own
+    return jax.jit(lambda p, r, *a: fn(nnx.merge(graphdef, p, r, copy=True), *a))
+
+  memory_of = pure(lambda m, it: m.item_memory(it))
+  query_of = pure(lambda m, mem: m.qformer.query_pass(mem))
+  item_head_of = pure(lambda m, q: qformer_lib.l2_normalize(m.qformer.item_proj(q)))
+  cls_of = pure(lambda m, i, v: m.qformer.text_pass(i, v)[:, 0])
+  text_head_of = pure(lambda m, c: qformer_lib.l2_normalize(m.qformer.text_proj(c)))
+  temp_of = pure(lambda m: m.qformer.temperature())
+
+  @jax.jit
+  def head(item_feats, text_feats, temp, d_simq, d_sim):
+    """ITC loss from the features, with zero probes on the per-query and max similarities."""
+    simq = losses.itc_sim_per_query(item_feats, text_feats) + d_simq
+    sim = simq.max(axis=-1) / temp + d_sim
+    return losses.itc_loss(sim, masks.false_negative_mask(items, items), smoothing)[0]
+
+  fused = pure(lambda m, b: phase1.item_text_loss(
+      m, b, jax.random.key(0), itc_weight=1.0, itm_weight=0.0, itg_weight=0.0,
+      label_smoothing=smoothing)[0])
+
+  def run(device) -> dict[str, np.ndarray]:
+    p, r, it, i, v = jax.device_put((params, rest, items, ids, valid), device)
+    out = {}
+    mem, pb_mem = jax.vjp(lambda p_: memory_of(p_, r, it), p)
+    q, pb_q = jax.vjp(lambda p_, m_: query_of(p_, r, m_), p, mem)
+    feats_i, pb_fi = jax.vjp(lambda p_, q_: item_head_of(p_, r, q_), p, q)
+    cls, pb_cls = jax.vjp(lambda p_: cls_of(p_, r, i, v), p)
+    feats_t, pb_ft = jax.vjp(lambda p_, c_: text_head_of(p_, r, c_), p, cls)
+    temp, pb_temp = jax.vjp(lambda p_: temp_of(p_, r), p)
+    b, k = feats_i.shape[:2]
+    zeros_q = jnp.zeros((b, b, k), jnp.float32, device=device)
+    zeros_s = jnp.zeros((b, b), jnp.float32, device=device)
+    loss, g = jax.value_and_grad(head, argnums=(0, 1, 2, 3, 4))(
+        feats_i, feats_t, temp, zeros_q, zeros_s)
+    out["loss"] = np.asarray(loss)
+    out["d sim_i2t (after max, /temp)"], out["d sim per query"] = g[4], g[3]
+    out["d item_feats"], out["d text_feats"], out["d temp"] = g[0], g[1], g[2]
+    gp_fi, out["d query outputs"] = pb_fi(g[0])
+    gp_q, out["d memory"] = pb_q(out["d query outputs"])
+    (gp_mem,) = pb_mem(out["d memory"])
+    gp_ft, out["d text [CLS]"] = pb_ft(g[1])
+    (gp_cls,) = pb_cls(out["d text [CLS]"])
+    (gp_temp,) = pb_temp(g[2])
+    pieces = {"item_proj + l2": gp_fi, "query pass": gp_q, "memory proj": gp_mem,
+              "text_proj + l2": gp_ft, "text pass": gp_cls, "temp": gp_temp}
+    chained = jax.tree.map(lambda *xs: sum(xs), *pieces.values())
+    for name, tree in pieces.items():
+      out[f"params via {name}"] = _flat(tree)
+    out["params, chained"] = _flat(chained)
+    out["params, fused (one jit)"] = _flat(jax.grad(fused)(p, r, jax.device_put(batch, device)))
+    return {name: np.asarray(x, np.float64) for name, x in out.items()}
+
+  devices = [jax.devices()[0], jax.devices("cpu")[0]]
+  results = [run(dev) for dev in devices]
+  rows = []
+  for name in results[0]:
+    a, c = results[0][name], results[1][name]
+    rel = float(np.linalg.norm(a - c) / max(np.linalg.norm(c), 1e-30))
+    rows.append((name, float(np.linalg.norm(a)), float(np.linalg.norm(c)), rel))
+  return {"backends": [devices[0].platform, devices[1].platform], "rows": rows}
+
+
+def _flat(tree) -> jax.Array:
+  return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
+
+
 def compare(a_path: str, b_path: str, top: int = 15) -> None:
   """Prints per term the loss, the norm and the parameters whose gradients differ most."""
   a, b = (json.loads(pathlib.Path(p).read_text()) for p in (a_path, b_path))
@@ -117,10 +211,21 @@ def main() -> int:
   parser.add_argument("--eps", type=float, default=1e-2, help="--check's step in parameter space")
   parser.add_argument("--eager", action="store_true",
                       help="op by op (jax.disable_jit): a compiler bug shows as jit != eager")
+  parser.add_argument("--stages", action="store_true",
+                      help="ITC backward piece by piece, this backend against its CPU backend")
   parser.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two --out files")
   args = parser.parse_args()
   if args.compare:
     compare(*args.compare)
+    return 0
+  if args.stages:
+    result = itc_stages(args.config, args.workdir, args.cf_path)
+    a, c = result["backends"]
+    print(f"ITC backward by pieces: {a} vs {c}; rel diff = |{a} - {c}| / |{c}|")
+    print(f"  {'':34s} {'|' + a + '|':>12s} {'|' + c + '|':>12s} {'rel diff':>9s}")
+    for name, na, nc, rel in result["rows"]:
+      print(f"  {name:34s} {na:12.6g} {nc:12.6g} {rel:9.2e}")
+    benchmarking.write_json(args.out, result)
     return 0
   with jax.disable_jit(args.eager):
     result = gradients(args.config, args.workdir, args.cf_path, args.check, args.eps)
