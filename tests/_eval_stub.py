@@ -8,20 +8,11 @@ depend on the Q-Former.
 
 from __future__ import annotations
 
-import functools
-
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ilm_jax import llm_tokenizer, resources
 from ilm_jax.models import llm as llm_lib
-
-
-@functools.lru_cache(maxsize=1)
-def smollm2_tokenizer() -> llm_tokenizer.LlmTokenizer:
-  """SmolLM2's tokenizer, loaded once per process (raises MissingResourceError if absent)."""
-  return llm_tokenizer.LlmTokenizer.from_gguf(resources.smollm2_gguf())
 
 
 class StubILM(nnx.Module):

@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "float32")
 
-from ilm_jax import resources  # noqa: E402
+from ilm_jax import llm_tokenizer, resources  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -33,3 +33,12 @@ def shared_data() -> pathlib.Path:
   if not d.is_dir():
     pytest.skip(f"real datasets not found at {d} (set ILM_DATA_DIR)")
   return d
+
+
+@pytest.fixture(scope="session")
+def smollm2_tok() -> llm_tokenizer.LlmTokenizer:
+  """SmolLM2's tokenizer from its GGUF; tests skip cleanly when the package is absent."""
+  try:
+    return llm_tokenizer.LlmTokenizer.from_gguf(resources.smollm2_gguf())
+  except resources.MissingResourceError as e:
+    pytest.skip(str(e))

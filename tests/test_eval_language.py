@@ -6,10 +6,10 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from _eval_stub import StubILM, smollm2_tokenizer, tiny_llm
+from _eval_stub import StubILM, tiny_llm
 from flax import nnx
 
-from ilm_jax import config_lib, resources
+from ilm_jax import config_lib
 from ilm_jax.data import phase2, sources, types
 from ilm_jax.data import prompts as P
 from ilm_jax.evals import language, results
@@ -21,19 +21,11 @@ K = 2
 
 
 @pytest.fixture(scope="module")
-def tok():
-  try:
-    return smollm2_tokenizer()
-  except resources.MissingResourceError as e:
-    pytest.skip(str(e))
-
-
-@pytest.fixture(scope="module")
-def setup(tok):
+def setup(smollm2_tok):
   c = config_lib.data_config("generated")
   c.generated.update(num_items=30, num_users=40, num_clusters=3, min_len=6, max_len=8)
   ds = sources.load_dataset(c)
-  return ds, types.leave_one_out(ds), tiny_llm(tok)
+  return ds, types.leave_one_out(ds), tiny_llm(smollm2_tok)
 
 
 def _hash_embed(texts):
@@ -59,9 +51,9 @@ def test_heldout_samples_use_only_valid_and_test_items(setup):
   assert language.heldout_samples(ds, split, count=0) == []
 
 
-def test_reference_loglik_text_only_equals_base_llm_teacher_forcing(setup, tok):
+def test_reference_loglik_text_only_equals_base_llm_teacher_forcing(setup, smollm2_tok):
   ds, split, base = setup
-  enc = phase2.PromptEncoder(tok, ds, soft_tokens=0, max_len=192)
+  enc = phase2.PromptEncoder(smollm2_tok, ds, soft_tokens=0, max_len=192)
   model = StubILM(base, ds.num_items, ds.num_users, K)
   samples = language.heldout_samples(ds, split, count=2, tasks=("compare",))
   lp, n = language.reference_loglik(model, samples, enc, batch_size=3)
@@ -75,9 +67,9 @@ def test_reference_loglik_text_only_equals_base_llm_teacher_forcing(setup, tok):
     assert lp[r] == pytest.approx(want, rel=1e-4, abs=1e-3)
 
 
-def test_language_record(setup, tok):
+def test_language_record(setup, smollm2_tok):
   ds, split, base = setup
-  enc = phase2.PromptEncoder(tok, ds, soft_tokens=K, max_len=192)
+  enc = phase2.PromptEncoder(smollm2_tok, ds, soft_tokens=K, max_len=192)
   model = StubILM(base, ds.num_items, ds.num_users, K, seed=4)
   rec, rows = language.evaluate(model, ds, split, enc, method="ilm-it-ii", count=2,
                                 tasks=("describe", "taste"), max_new_tokens=6, batch_size=4,
@@ -110,21 +102,21 @@ def _real_ilm(base, ds, kind):
 
 
 @pytest.mark.parametrize("kind", ["qformer", "mlp"])
-def test_preservation_real_ilm_is_exact(setup, tok, kind):
+def test_preservation_real_ilm_is_exact(setup, smollm2_tok, kind):
   ds, _, base = setup
-  out = language.preservation(_real_ilm(base, ds, kind), tok)
+  out = language.preservation(_real_ilm(base, ds, kind), smollm2_tok)
   assert out["equal"] and out["max_abs_diff"] == 0.0 and out["tokens"] > 20
   assert out["backend"] == "cpu" and out["passed"]
 
 
-def test_preservation_detects_a_changed_llm(setup, tok):
+def test_preservation_detects_a_changed_llm(setup, smollm2_tok):
   ds, _, base = setup
 
   class Leaky(StubILM):
     def prompt_embeds(self, input_ids, slot_ids, slot_kind, slot_pos):
       return super().prompt_embeds(input_ids, slot_ids, slot_kind, slot_pos) * 1.001
 
-  out = language.preservation(Leaky(base, ds.num_items, ds.num_users, K), tok)
+  out = language.preservation(Leaky(base, ds.num_items, ds.num_users, K), smollm2_tok)
   assert not out["equal"] and out["max_abs_diff"] > 0 and not out["passed"]
 
 

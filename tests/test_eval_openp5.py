@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _eval_stub import StubILM, smollm2_tokenizer, tiny_llm
+from _eval_stub import StubILM, tiny_llm
 
-from ilm_jax import config_lib, resources
+from ilm_jax import config_lib
 from ilm_jax.data import phase2, sources, types
 from ilm_jax.evals import openp5, ranking, results
 
@@ -16,22 +16,14 @@ K = 2
 
 
 @pytest.fixture(scope="module")
-def tok():
-  try:
-    return smollm2_tokenizer()
-  except resources.MissingResourceError as e:
-    pytest.skip(str(e))
-
-
-@pytest.fixture(scope="module")
-def setup(tok):
+def setup(smollm2_tok):
   c = config_lib.data_config("generated")
   # 12 items and histories of >= 4: at most 8 candidates per user, so beam 10 is exhaustive.
   c.generated.update(num_items=12, num_users=20, num_clusters=3, min_len=6, max_len=8)
   ds = sources.load_dataset(c)
   split = types.leave_one_out(ds)
-  enc = phase2.PromptEncoder(tok, ds, soft_tokens=K, max_len=160)
-  model = StubILM(tiny_llm(tok), ds.num_items, ds.num_users, K, seed=1)
+  enc = phase2.PromptEncoder(smollm2_tok, ds, soft_tokens=K, max_len=160)
+  model = StubILM(tiny_llm(smollm2_tok), ds.num_items, ds.num_users, K, seed=1)
   return ds, split, enc, model
 
 

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from ilm_jax import config_lib, llm_tokenizer, resources
+from ilm_jax import config_lib
 from ilm_jax.data import phase2, pipeline, sources
 from ilm_jax.data import prompts as P
 from ilm_jax.data.types import RecDataset, leave_one_out
@@ -23,15 +23,6 @@ SPEC_TEMPLATES = {  # SPEC §5, verbatim
     ("straightforward", "seen"): "What should we recommend for {dataset} user_{u} ?",
     ("straightforward", "unseen"): "What is the top recommendation for {dataset} user_{u} ?",
 }
-
-
-@pytest.fixture(scope="module")
-def tok():
-  try:
-    path = resources.smollm2_gguf()
-  except resources.MissingResourceError as e:
-    pytest.skip(str(e))
-  return llm_tokenizer.LlmTokenizer.from_gguf(path)
 
 
 def _holdout_unique(ds: RecDataset) -> RecDataset:
@@ -62,9 +53,9 @@ def data():
 
 
 @pytest.fixture(scope="module")
-def built(tok, data):
+def built(smollm2_tok, data):
   ds, split = data
-  enc = phase2.PromptEncoder(tok, ds, soft_tokens=K, max_len=320)
+  enc = phase2.PromptEncoder(smollm2_tok, ds, soft_tokens=K, max_len=320)
   samples = phase2.train_samples(ds, split, seed=3, examples_per_user=6)
   ex, dropped = phase2.encode_examples(samples, enc)
   assert dropped == 0
@@ -85,14 +76,14 @@ def _plain(ds, part) -> str:
                           f"item_{ds.item_tokens[i]}" for i in part.items)
 
 
-def _text_only(tok, ds, **kw) -> phase2.PromptEncoder:
-  return phase2.PromptEncoder(tok, ds, soft_tokens=0, user_soft_tokens=False, **kw)
+def _text_only(smollm2_tok, ds, **kw) -> phase2.PromptEncoder:
+  return phase2.PromptEncoder(smollm2_tok, ds, soft_tokens=0, user_soft_tokens=False, **kw)
 
 
 # ---------------------------------------------------------------------------- leakage
 
 
-def test_no_validation_or_test_item_reaches_training(tok, data, built):
+def test_no_validation_or_test_item_reaches_training(smollm2_tok, data, built):
   ds, split = data
   enc, samples, ex = built
   held = set(split.valid.tolist()) | set(split.test.tolist())
@@ -102,7 +93,7 @@ def test_no_validation_or_test_item_reaches_training(tok, data, built):
   assert not held & set(ex["target_item"].tolist())
   # Nor by name anywhere in the rendered text (ids, titles), prompts or answers.
   held_tokens = {ds.item_tokens[i] for i in held}
-  text = tok.decode(ex["input_ids"][ex["attn_mask"]])
+  text = smollm2_tok.decode(ex["input_ids"][ex["attn_mask"]])
   assert not held_tokens & set(re.findall(r"item_(\d+)", text))
   assert "Held Out" not in text
   assert {P.TASK_ID[t] for t in P.TASKS} == set(ex["task"].tolist())
@@ -137,22 +128,22 @@ def test_templates_shape():
       assert ("{history}" in t) == (task == "sequential")
 
 
-def test_unseen_template_never_in_training(tok, built):
+def test_unseen_template_never_in_training(smollm2_tok, built):
   _, samples, ex = built
   openp5 = [s for s in samples if s.task in P.OPENP5_TASKS]
   used = collections.Counter((s.task, s.template) for s in openp5)
   assert {tm for _, tm in used} == set(range(P.NUM_TRAIN_TEMPLATES))  # all 10, never 10
   assert set(ex["template"][ex["task"] < 2].tolist()) == set(range(P.NUM_TRAIN_TEMPLATES))
-  text = tok.decode(ex["input_ids"][ex["attn_mask"]])
+  text = smollm2_tok.decode(ex["input_ids"][ex["attn_mask"]])
   assert "What is the top recommend" not in text
   assert "What should we recommend for Generated user_" in text  # the seen one is trained
 
 
 @pytest.mark.parametrize("task,template", list(SPEC_TEMPLATES))
-def test_eval_prompts_render_the_spec_templates(tok, data, task, template):
+def test_eval_prompts_render_the_spec_templates(smollm2_tok, data, task, template):
   """Text-only rendering == the chat template applied to the SPEC string, token for token."""
   ds, split = data
-  enc = _text_only(tok, ds, max_len=512)
+  enc = _text_only(smollm2_tok, ds, max_len=512)
   users = [0, 7]
   prompts = phase2.encode_prompts(
       phase2.eval_samples(ds, split, "test", task, template, users=users), enc)
@@ -161,10 +152,10 @@ def test_eval_prompts_render_the_spec_templates(tok, data, task, template):
     want = SPEC_TEMPLATES[task, template].format(
         dataset="Generated", u=ds.user_tokens[u],
         history=" , ".join(f"item_{ds.item_tokens[i]}" for i in hist))
-    chat = tok.apply_chat_template([{"role": "user", "content": want}], True)
+    chat = smollm2_tok.apply_chat_template([{"role": "user", "content": want}], True)
     ids = prompts["input_ids"][r, :prompts["prompt_len"][r]]
-    assert tok.decode(ids) == chat
-    assert ids.tolist() == tok.encode(chat)  # part-wise tokenisation == whole string
+    assert smollm2_tok.decode(ids) == chat
+    assert ids.tolist() == smollm2_tok.encode(chat)  # part-wise tokenisation == whole string
     assert prompts["target_item"][r] == split.test[u]
     assert prompts["template"][r] == (P.SEEN if template == "seen" else P.UNSEEN)
   assert not prompts["attn_mask"][:, prompts["prompt_len"].max():].any()
@@ -180,22 +171,22 @@ def test_dataset_labels():
 # ---------------------------------------------------------------------------- masks and slots
 
 
-def test_loss_mask_is_exactly_the_answers(tok, data, built):
+def test_loss_mask_is_exactly_the_answers(smollm2_tok, data, built):
   ds, _ = data
   enc, samples, ex = built
-  strings, string_ids = phase2.item_strings(ds, tok)
+  strings, string_ids = phase2.item_strings(ds, smollm2_tok)
   assert not ex["loss_mask"][:, 0].any()
   assert not (ex["loss_mask"] & ~ex["attn_mask"]).any()
   for r, s in enumerate(samples):
     m = ex["loss_mask"][r]
     ids = ex["input_ids"][r]
     answers = _answers(s)
-    assert tok.decode(ids[m]) == "".join(a + "<|im_end|>" for a in answers), s.task
+    assert smollm2_tok.decode(ids[m]) == "".join(a + "<|im_end|>" for a in answers), s.task
     # One contiguous run per assistant turn, right after the template's assistant header.
     starts = np.flatnonzero(m & ~np.roll(m, 1))
     assert len(starts) == len(answers)
     for a in starts:
-      assert tok.decode(ids[:a]).endswith("<|im_start|>assistant\n")
+      assert smollm2_tok.decode(ids[:a]).endswith("<|im_start|>assistant\n")
     if s.task in P.OPENP5_TASKS:
       assert answers == [strings[s.target_item]]
       assert ids[m].tolist() == string_ids[s.target_item] + [enc.end_id]
@@ -203,7 +194,7 @@ def test_loss_mask_is_exactly_the_answers(tok, data, built):
   assert ex["loss_mask"].sum() == ex["loss_mask"][:, 1:].sum()
 
 
-def test_slots_point_at_k_placeholders(tok, data, built):
+def test_slots_point_at_k_placeholders(smollm2_tok, data, built):
   ds, _ = data
   enc, samples, ex = built
   for r in range(0, len(samples), 7):
@@ -216,7 +207,7 @@ def test_slots_point_at_k_placeholders(tok, data, built):
       assert not covered[p:p + K].any()
       covered[p:p + K] = True
       assert (ids[p:p + K] == enc.pad_id).all() and ex["attn_mask"][r, p:p + K].all()
-      before = tok.decode(ids[max(0, p - 12):p])
+      before = smollm2_tok.decode(ids[max(0, p - 12):p])
       if k == phase2.SLOT_USER:
         assert i == samples[r].user and before.endswith(f"user_{ds.user_tokens[i]}")
       elif samples[r].task in P.OPENP5_TASKS:
@@ -229,15 +220,15 @@ def test_slots_point_at_k_placeholders(tok, data, built):
   assert ((ex["slot_kind"][seq] == phase2.SLOT_USER).sum(1) == 1).all()
 
 
-def test_soft_token_flags(tok, data):
+def test_soft_token_flags(smollm2_tok, data):
   ds, split = data
   samples = phase2.eval_samples(ds, split, "valid", "sequential", users=[1, 2])
   no_user = phase2.encode_prompts(
-      samples, phase2.PromptEncoder(tok, ds, soft_tokens=K, user_soft_tokens=False))
+      samples, phase2.PromptEncoder(smollm2_tok, ds, soft_tokens=K, user_soft_tokens=False))
   assert not (no_user["slot_kind"] == phase2.SLOT_USER).any()
   assert (no_user["slot_kind"] == phase2.SLOT_ITEM).sum(1).tolist() == [
       min(20, len(split.train[u])) for u in (1, 2)]
-  text = phase2.encode_prompts(samples, _text_only(tok, ds))
+  text = phase2.encode_prompts(samples, _text_only(smollm2_tok, ds))
   assert (text["slot_kind"] == phase2.SLOT_EMPTY).all()
   assert (text["prompt_len"] == no_user["prompt_len"] - K * (no_user["slot_kind"] >= 0).sum(1)
           ).all()
@@ -246,7 +237,7 @@ def test_soft_token_flags(tok, data):
 # ---------------------------------------------------------------------------- truncation
 
 
-def test_truncation_keeps_answer_and_recent_history(tok, data):
+def test_truncation_keeps_answer_and_recent_history(smollm2_tok, data):
   ds, split = data
   u = int(np.argmax([len(s) for s in split.train]))
   hist = split.train[u]
@@ -254,21 +245,21 @@ def test_truncation_keeps_answer_and_recent_history(tok, data):
   s = P.openp5_sample("sequential", 3, label="Generated", user=u,
                       user_token=ds.user_tokens[u], history=hist[-20:], target=int(split.valid[u]),
                       target_token=ds.item_tokens[split.valid[u]])
-  full = phase2.PromptEncoder(tok, ds, soft_tokens=K).render(s)[0]
+  full = phase2.PromptEncoder(smollm2_tok, ds, soft_tokens=K).render(s)[0]
   for max_len, max_slots in ((len(full) - 30, 22), (len(full), 6)):
-    enc = phase2.PromptEncoder(tok, ds, soft_tokens=K, max_len=max_len, max_slots=max_slots)
+    enc = phase2.PromptEncoder(smollm2_tok, ds, soft_tokens=K, max_len=max_len, max_slots=max_slots)
     ex, dropped = phase2.encode_examples([s], enc)
     assert dropped == 0 and ex["attn_mask"].sum() <= max_len
     kept = ex["slot_ids"][0][ex["slot_kind"][0] == phase2.SLOT_ITEM].tolist()
     assert 1 <= len(kept) < 20 and kept == hist[-len(kept):].tolist()
-    assert tok.decode(ex["input_ids"][0][ex["loss_mask"][0]]) == _answers(s)[0] + "<|im_end|>"
+    assert smollm2_tok.decode(ex["input_ids"][0][ex["loss_mask"][0]]) == _answers(s)[0] + "<|im_end|>"
     # As many items as fit: one more would not.
     one_more = dataclasses.replace(s, turns=(P.Turn("user", tuple(
         dataclasses.replace(p, items=tuple(hist[-len(kept) - 1:].tolist()))
         if isinstance(p, P.History) else p for p in s.turns[0].content)), s.turns[1]))
-    ids, _, slots = phase2.PromptEncoder(tok, ds, soft_tokens=K).render(one_more)
+    ids, _, slots = phase2.PromptEncoder(smollm2_tok, ds, soft_tokens=K).render(one_more)
     assert len(ids) > max_len or len(slots) > max_slots
-  tiny = phase2.PromptEncoder(tok, ds, soft_tokens=K, max_len=40)
+  tiny = phase2.PromptEncoder(smollm2_tok, ds, soft_tokens=K, max_len=40)
   assert phase2.encode_examples([s], tiny)[1] == 1  # cannot fit: dropped, answer never cut
   with pytest.raises(ValueError, match="do not fit"):
     phase2.encode_prompts([s], tiny)
@@ -277,10 +268,10 @@ def test_truncation_keeps_answer_and_recent_history(tok, data):
 # ---------------------------------------------------------------------------- chat rendering
 
 
-def test_conversations_render_with_the_chat_template(tok, data, built):
+def test_conversations_render_with_the_chat_template(smollm2_tok, data, built):
   ds, _ = data
   _, samples, _ = built
-  enc = _text_only(tok, ds, max_len=1024)
+  enc = _text_only(smollm2_tok, ds, max_len=1024)
   conv = [s for s in samples if s.task in P.CONVERSATIONAL_TASKS]
   by_task = {s.task: s for s in conv}
   assert set(by_task) == set(P.CONVERSATIONAL_TASKS)
@@ -290,12 +281,12 @@ def test_conversations_render_with_the_chat_template(tok, data, built):
   for r, s in enumerate(list(by_task.values()) + multi[:3]):
     msgs = [{"role": t.role, "content": "".join(_plain(ds, p) for p in t.content)}
             for t in s.turns]
-    want = tok.apply_chat_template(msgs, add_generation_prompt=False)
+    want = smollm2_tok.apply_chat_template(msgs, add_generation_prompt=False)
     ids = ex["input_ids"][r][ex["attn_mask"][r]]
     # Decoded text, not ids: punctuation after a title is tokenised on its own (a slot
     # sits there in the soft-token rendering), where the whole string may merge ")?".
-    assert tok.decode(ids) == want, s.task
-    loss_text = tok.decode(ex["input_ids"][r][ex["loss_mask"][r]])
+    assert smollm2_tok.decode(ids) == want, s.task
+    loss_text = smollm2_tok.decode(ex["input_ids"][r][ex["loss_mask"][r]])
     assert loss_text == "".join(m["content"] + "<|im_end|>" for m in msgs
                                 if m["role"] == "assistant")
     for m in msgs:
@@ -318,9 +309,9 @@ def test_grounded_answers(data):
     assert f"Most common genres: {top} ({c} of {len(hist)})" in _answers(x)[0]
 
 
-def test_eval_prompt_is_the_training_prefix(tok, data):
+def test_eval_prompt_is_the_training_prefix(smollm2_tok, data):
   ds, split = data
-  enc = phase2.PromptEncoder(tok, ds, soft_tokens=K)
+  enc = phase2.PromptEncoder(smollm2_tok, ds, soft_tokens=K)
   for task in P.OPENP5_TASKS:
     s = phase2.eval_samples(ds, split, "valid", task, "seen", users=[4])[0]
     full, _ = phase2.encode_examples([s], enc)
@@ -329,7 +320,7 @@ def test_eval_prompt_is_the_training_prefix(tok, data):
     assert (full["input_ids"][0, :n] == p["input_ids"][:n]).all()
     assert full["loss_mask"][0, n:].any() and not full["loss_mask"][0, :n].any()
     assert (p["slot_pos"] == full["slot_pos"][0]).all()
-    assert tok.decode(p["input_ids"][:n]).endswith("<|im_start|>assistant\n")
+    assert smollm2_tok.decode(p["input_ids"][:n]).endswith("<|im_start|>assistant\n")
   # valid sees train only; test sees train + valid.
   v = phase2.eval_samples(ds, split, "valid", "sequential", users=[4])[0]
   t = phase2.eval_samples(ds, split, "test", "sequential", users=[4])[0]
@@ -338,29 +329,29 @@ def test_eval_prompt_is_the_training_prefix(tok, data):
   assert ht[-1] == split.valid[4] and hv[-1] == split.train[4][-1]
 
 
-def test_item_strings_build_a_trie(tok, data):
+def test_item_strings_build_a_trie(smollm2_tok, data):
   from ilm_jax import generation
 
   ds, _ = data
-  strings, ids = phase2.item_strings(ds, tok)
+  strings, ids = phase2.item_strings(ds, smollm2_tok)
   assert strings[5] == f"Generated item_{ds.item_tokens[5]}" and len(strings) == ds.num_items
-  assert ids[5] == tok.encode(strings[5])
-  enc = phase2.PromptEncoder(tok, ds, soft_tokens=K)
+  assert ids[5] == smollm2_tok.encode(strings[5])
+  enc = phase2.PromptEncoder(smollm2_tok, ds, soft_tokens=K)
   trie = generation.ItemTrie.build(ids, end_id=enc.end_id)
-  assert trie.num_items == ds.num_items and enc.end_id in tok.stop_ids
+  assert trie.num_items == ds.num_items and enc.end_id in smollm2_tok.stop_ids
 
 
 # ---------------------------------------------------------------------------- mixture, pipeline
 
 
-def test_mixture_and_determinism(tok, data):
+def test_mixture_and_determinism(smollm2_tok, data):
   ds, split = data
   w = {"sequential": 1.0, "straightforward": 0.5, "describe": 0.25}
   a = phase2.train_samples(ds, split, seed=1, weights=w)
   n_seq = sum(min(10, len(s) - 1) for s in split.train)
   assert collections.Counter(s.task for s in a) == {
       "sequential": n_seq, "straightforward": round(n_seq * 0.5), "describe": round(n_seq / 4)}
-  enc = phase2.PromptEncoder(tok, ds, soft_tokens=K)
+  enc = phase2.PromptEncoder(smollm2_tok, ds, soft_tokens=K)
   ea, _ = phase2.encode_examples(a, enc)
   eb, _ = phase2.encode_examples(phase2.train_samples(ds, split, seed=1, weights=w), enc)
   ec, _ = phase2.encode_examples(phase2.train_samples(ds, split, seed=2, weights=w), enc)
@@ -400,12 +391,12 @@ def test_pipeline_batches_resume_and_shard(built):
     assert (np.concatenate([h[k] for h in halves]) == whole[k]).all()
 
 
-def test_build_with_config(tok, data):
+def test_build_with_config(smollm2_tok, data):
   ds, split = data
   cfg = phase2.default_config()
   cfg.update(soft_tokens=2, max_len=288, examples_per_user=2, system="Be brief.")
   cfg.weights.update(describe=0.0, multiturn=0.0)
-  enc, ex = phase2.build(ds, split, tok, cfg)
+  enc, ex = phase2.build(ds, split, smollm2_tok, cfg)
   assert enc.soft_tokens == 2 and ex["input_ids"].shape[1] == 288
   assert P.TASK_ID["describe"] not in ex["task"] and P.TASK_ID["taste"] in ex["task"]
-  assert tok.decode(ex["input_ids"][0]).startswith("<|im_start|>system\nBe brief.<|im_end|>")
+  assert smollm2_tok.decode(ex["input_ids"][0]).startswith("<|im_start|>system\nBe brief.<|im_end|>")
