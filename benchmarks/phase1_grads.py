@@ -30,9 +30,11 @@ gradient of the first item-text batch, with the training step's own rng
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import pathlib
 import sys
+from collections.abc import Sequence
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -53,9 +55,9 @@ TERMS = {"itc": dict(itc_weight=1.0, itm_weight=0.0, itg_weight=0.0),
 
 
 def gradients(config_arg: str, workdir: str, cf_path: str, check: bool = False,
-              eps: float = 1e-2) -> dict:
+              eps: float = 1e-2, overrides: Sequence[str] = ()) -> dict:
   """{'backend', 'precision', 'terms': {term: {'loss', 'norm', 'params', ['check']}}}."""
-  config, model, batch = _first_item_text_batch(config_arg, workdir, cf_path)
+  config, model, batch = _first_item_text_batch(config_arg, workdir, cf_path, overrides)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   rng = jax.random.fold_in(jax.random.key(int(config.train.seed)), 0)  # the first step's
   out = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
@@ -89,12 +91,26 @@ def gradients(config_arg: str, workdir: str, cf_path: str, check: bool = False,
   return out
 
 
-def _first_item_text_batch(config_arg: str, workdir: str, cf_path: str):
-  """(config, model, the first item-text batch as jnp arrays) as the training job builds them."""
+def _first_item_text_batch(config_arg: str, workdir: str, cf_path: str,
+                           overrides: Sequence[str] = ()):
+  """(config, model, the first item-text batch as jnp arrays) as the training job builds them.
+
+  ``overrides`` are ``KEY=VALUE`` strings (``model.cross_init_std=0.088``), as ``--config.KEY``.
+  """
   path, _, arg = config_arg.partition(":")
   config = config_lib.load_config_file(path, arg)
   with config.unlocked():
     config.cf_path = cf_path or config.cf_path
+  known = set(_flat_keys(config))
+  for item in overrides:
+    key, _, value = item.partition("=")
+    if key not in known:
+      raise SystemExit(f"--set {item}: {config_arg} has no key {key!r}")
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass  # a plain string
+    config.update_from_flattened_dict({key: value})
   d = phase1_job.training_data(config, workdir)
   batch = dict(next(d.data))
   while batch.get("kind", "item_text") != "item_text":
@@ -105,13 +121,22 @@ def _first_item_text_batch(config_arg: str, workdir: str, cf_path: str):
   return config, model, batch
 
 
-def itc_stages(config_arg: str, workdir: str, cf_path: str) -> dict:
+def _flat_keys(config, prefix: str = "") -> list[str]:
+  """Dotted paths of every leaf of a ConfigDict."""
+  keys = []
+  for k, v in config.items():
+    keys += _flat_keys(v, f"{prefix}{k}.") if hasattr(v, "items") else [prefix + k]
+  return keys
+
+
+def itc_stages(config_arg: str, workdir: str, cf_path: str,
+               overrides: Sequence[str] = ()) -> dict:
   """The ITC gradient piece by piece on the default and the CPU backend (``--stages``).
 
   Returns:
     {'backends': [default, 'cpu'], 'rows': [(name, norm on each, rel diff)]}.
   """
-  config, model, batch = _first_item_text_batch(config_arg, workdir, cf_path)
+  config, model, batch = _first_item_text_batch(config_arg, workdir, cf_path, overrides)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   smoothing = float(config.loss.label_smoothing)
   items, ids, valid = batch["item"], batch["input_ids"], batch["input_mask"]
@@ -205,6 +230,8 @@ def main() -> int:
   parser.add_argument("--config", default="configs/phase1.py:it_ii,ml1m,small")
   parser.add_argument("--workdir", default="/tmp/phase1_grads")
   parser.add_argument("--cf_path", default="", help="CF embeddings npz (else trained in workdir)")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="config override, e.g. model.cross_init_std=0.088 (repeatable)")
   parser.add_argument("--out", default="", help="write the gradients here (JSON)")
   parser.add_argument("--check", action="store_true",
                       help="also check the gradient by central differences on this backend")
@@ -219,7 +246,7 @@ def main() -> int:
     compare(*args.compare)
     return 0
   if args.stages:
-    result = itc_stages(args.config, args.workdir, args.cf_path)
+    result = itc_stages(args.config, args.workdir, args.cf_path, args.set)
     a, c = result["backends"]
     print(f"ITC backward by pieces: {a} vs {c}; rel diff = |{a} - {c}| / |{c}|")
     print(f"  {'':34s} {'|' + a + '|':>12s} {'|' + c + '|':>12s} {'rel diff':>9s}")
@@ -228,7 +255,8 @@ def main() -> int:
     benchmarking.write_json(args.out, result)
     return 0
   with jax.disable_jit(args.eager):
-    result = gradients(args.config, args.workdir, args.cf_path, args.check, args.eps)
+    result = gradients(args.config, args.workdir, args.cf_path, args.check, args.eps,
+                       args.set)
   result["eager"] = args.eager
   benchmarking.write_json(args.out, result)
   return 0
