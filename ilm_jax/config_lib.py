@@ -59,6 +59,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     min_core = config.data.get("min_core", 0)
     if isinstance(min_core, bool) or not isinstance(min_core, int) or min_core < 0:
       raise ConfigError(f"config.data.min_core={min_core!r} must be an integer >= 0")
+  train = config.get("train")
+  if train is not None and train.get("optimizer") is not None:
+    opt = train.optimizer
+    total = int(opt.get("total_steps", 0) or train.get("total_steps", 0) or 0)
+    warmup = int(opt.get("warmup_steps", 0) or 0)
+    if total > 0 and warmup >= total:
+      raise ConfigError(
+          f"config.train.optimizer.warmup_steps={warmup} must be below the run's {total} steps "
+          f"(config.train.total_steps); for a run this short pass e.g. "
+          f"--config.train.optimizer.warmup_steps={total // 10}")
 
 
 # Datasets every job config accepts by name in its ``:arg``.

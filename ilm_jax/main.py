@@ -39,14 +39,14 @@ def main(argv: list[str]) -> None:
   check_workdir(_WORKDIR.value)
   workdir = os.path.abspath(_WORKDIR.value)  # every path derived from it stays valid later
   from ilm_jax import config_lib, distributed  # noqa: PLC0415  (keeps --help fast)
-  config_lib.validate(config)
-  # Multi-host start-up before anything touches a device (see ilm_jax/distributed.py).
   try:
-    distributed.maybe_initialize(config)
-  except distributed.DistributedConfigError as e:
-    raise app.UsageError(str(e)) from e
-  logging.info("job %s, workdir %s\n%s", job, workdir, config)
-  try:
+    config_lib.validate(config)
+    # Multi-host start-up before anything touches a device (see ilm_jax/distributed.py).
+    try:
+      distributed.maybe_initialize(config)
+    except distributed.DistributedConfigError as e:
+      raise app.UsageError(str(e)) from e
+    logging.info("job %s, workdir %s\n%s", job, workdir, config)
     jobs.job_module(job).run(config, workdir)
   except Exception as e:
     if not _is_named_error(e):

@@ -40,12 +40,10 @@ class MetricsWriter:
     self.workdir = os.fspath(workdir)
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.path = os.path.join(self.workdir, JSONL)
-    self._tb = None
+    self._tensorboard = tensorboard
+    self._tb = None  # opened by the first write: a run that fails in set-up leaves no tb/
     if self.enabled:
       os.makedirs(self.workdir, exist_ok=True)
-      if tensorboard:
-        from tensorboardX import SummaryWriter  # noqa: PLC0415  (slow import)
-        self._tb = SummaryWriter(logdir=os.path.join(self.workdir, "tb"))
 
   def truncate_after(self, step: int) -> None:
     """Drops records with ``step`` > the given step (a resumed run rewrites them)."""
@@ -79,6 +77,9 @@ class MetricsWriter:
     rec = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
     with open(self.path, "a") as f:
       f.write(json.dumps(rec) + "\n")
+    if self._tensorboard and self._tb is None:
+      from tensorboardX import SummaryWriter  # noqa: PLC0415  (slow import)
+      self._tb = SummaryWriter(logdir=os.path.join(self.workdir, "tb"))
     if self._tb is not None:
       for k, v in rec.items():
         if k != "step" and isinstance(v, int | float) and math.isfinite(v):
@@ -92,6 +93,7 @@ class MetricsWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+    self._tensorboard = False  # a write after close goes to the JSONL only
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:

@@ -16,6 +16,8 @@ import ml_collections
 import numpy as np
 import optax
 
+from ilm_jax import config_lib
+
 # Params whose path matches this (or that have fewer than 2 dims: biases, norm scales,
 # temperatures) get no weight decay, as in BERT/LAVIS.
 NO_DECAY_PATTERN = r"(^|/)(bias|scale|norm[^/]*|ln[^/]*|layer_?norm[^/]*|temp[^/]*)(/|$)"
@@ -55,9 +57,10 @@ def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int | None = None
   total = int(cfg.total_steps or total_steps or 0)
   warmup = int(cfg.warmup_steps)
   if total <= 0:
-    raise ValueError("optimizer.total_steps is 0 and no run length was given")
+    raise config_lib.ConfigError("optimizer.total_steps is 0 and no run length was given")
   if warmup >= total:
-    raise ValueError(f"optimizer.warmup_steps={warmup} must be below total_steps={total}")
+    raise config_lib.ConfigError(
+        f"optimizer.warmup_steps={warmup} must be below the run's {total} steps")
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup, decay_steps=total,
       end_value=cfg.lr * cfg.end_lr_ratio)

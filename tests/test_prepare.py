@@ -75,6 +75,22 @@ def test_unknown_key_is_an_error(tmp_path):
   assert not (tmp_path / "data").exists()
 
 
+@pytest.mark.parametrize("override, message", [
+    ("--config.data.source=foo", "config.data.source='foo' is not a dataset source"),
+    ("--config.train.total_steps=4",
+     "config.train.optimizer.warmup_steps=10 must be below the run's 4 steps")])
+def test_invalid_config_value_is_one_line_error(tmp_path, override, message):
+  # Rejected before the job starts: exit 2, the message, no traceback, nothing written.
+  cmd = [sys.executable, "-m", "ilm_jax.main", "--config=configs/phase1.py:tiny",
+         f"--workdir={tmp_path / 'w'}", override]
+  res = subprocess.run(cmd, cwd=resources.REPO_ROOT, capture_output=True, text=True,
+                       timeout=120, check=False, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert res.returncode == 2, res.stderr[-2000:]
+  assert f"ERROR (ConfigError): {message}" in res.stderr
+  assert "Traceback" not in res.stderr
+  assert not (tmp_path / "w").exists()
+
+
 @pytest.mark.realdata
 def test_real_ml1m_round_trips_through_the_store(shared_data, tmp_path):
   del shared_data  # the config finds ../shared/data itself

@@ -24,7 +24,7 @@ def test_schedule_warmup_then_cosine_by_hand():
   # Cosine over the remaining 10 steps from 2.0 to 0.2: halfway = 0.2 + 0.5 * 1.8.
   assert float(sched(9)) == pytest.approx(0.2 + 0.5 * 1.8 * (1 + math.cos(math.pi * 0.5)))
   assert float(sched(14)) == pytest.approx(0.2)
-  with pytest.raises(ValueError, match="must be below total_steps"):
+  with pytest.raises(ValueError, match="must be below the run.s 10 steps"):
     optim.make_schedule(optim.default_config(warmup_steps=20, total_steps=10))
   with pytest.raises(ValueError, match="total_steps is 0"):
     optim.make_schedule(optim.default_config())
@@ -66,6 +66,7 @@ def jax_zeros_like(tree):
 
 def test_metrics_writer_truncates_on_resume(tmp_path):
   w = MetricsWriter(tmp_path, enabled=True)
+  assert not (tmp_path / "tb").exists()  # opened by the first write, not by a failed set-up
   for s in range(1, 6):
     w.write(s, {"loss": np.float32(s / 10), "kind": "a"}, prefix="train/")
   w.close()
