@@ -89,6 +89,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       max_candidates=2000,   # texts/items ranked in the *_full retrieval metrics
       max_pairs=5000,        # held-out (valid, test) item pairs for II recall@10 (seeded)
       max_cluster_items=2000,
+      untrained=True,        # also evaluate the init (results: untrained_<metric>)
       seed=0))
 
   if small:

@@ -17,6 +17,8 @@ Evaluation (``Phase1Evaluator``; nothing is measured on text that trained):
                                  (Q-Former max-over-K×K score) in its hidden cluster
   itg_loss_heldout               ITG token CE (no smoothing) on held-out items' texts
   cf_ii_recall@10, cf_cluster_p@10   the same two with raw CF cosine (what CF alone gives)
+  untrained_<metric>             the summary metrics of the init, before any update
+                                 (``eval.untrained``): what training added or lost
 """
 
 from __future__ import annotations
@@ -301,6 +303,12 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                              itg_rows=int(lc.itg_rows))
   evaluator = Phase1Evaluator(ds, split, all_text, heldout, item_emb, config.eval)
   mesh = partition.make_mesh()
+  # The init's metrics beside the trained ones: a random Q-Former already passes much of the
+  # CF geometry through (docs/PHASE1.md, "What the item-item metrics measure").
+  untrained = {}
+  if config.eval.get("untrained", False):
+    untrained = {f"untrained_{k}": float(v) for k, v in evaluator(model_fn(), 0).items()
+                 if k in SUMMARY_KEYS}
 
   # ---- train (resumes from WORKDIR/checkpoints) ----
   t0 = time.perf_counter()
@@ -325,7 +333,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       heldout_fraction=float(config.heldout_fraction), seed=int(config.train.seed),
       itg_rows=int(config.loss.itg_rows),
       **{k: float(v) for k, v in metrics.items() if k != "eval_seconds"},
-      **evaluator.reference)
+      **untrained, **evaluator.reference)
   results.write_results(workdir, [record])
   _print_summary(record)
   print(f"phase1: wrote {pathlib.Path(workdir) / phase1.PARAMS_DIR} and results.json "
@@ -342,3 +350,7 @@ def _print_summary(record: Mapping[str, Any]) -> None:
   parts = [f"{k} {record[k]:.4f}" for k in SUMMARY_KEYS if k in record]
   print(f"phase1 {record['dataset']} {record['method']} step {record['steps']}: "
         + ", ".join(parts), flush=True)
+  init = [f"{k} {record['untrained_' + k]:.4f}" for k in SUMMARY_KEYS
+          if "untrained_" + k in record]
+  if init:
+    print("phase1 untrained encoder (the init, no update): " + ", ".join(init), flush=True)
