@@ -5,7 +5,8 @@ r"""Markdown table of Phase 1 results: mean ± standard error over runs (seeds) 
 Each GLOB matches Phase 1 workdirs (their results.json, task ``phase1``); the runs of one group
 are averaged. The standard error is the sample standard deviation (ddof=1) over sqrt(n), so it
 measures seed-to-seed spread only (not the finite held-out set's sampling error); n=1 shows the
-single value.
+single value. Runs that evaluated their init (``untrained_<metric>``) get a second row,
+"LABEL, untrained init".
 """
 
 from __future__ import annotations
@@ -46,6 +47,19 @@ def mean_se(values: list[float]) -> tuple[float, float]:
   return mean, math.sqrt(var / n)
 
 
+def _cells(runs: list[dict], metrics: list[str], prefix: str = "") -> list[str]:
+  """One table cell per metric: mean ± standard error of ``prefix + metric`` over runs."""
+  cells = []
+  for m in metrics:
+    vals = [float(r[prefix + m]) for r in runs if prefix + m in r]
+    if not vals:
+      cells.append("–")
+      continue
+    mean, se = mean_se(vals)
+    cells.append(f"{mean:.3f}" if math.isnan(se) else f"{mean:.3f} ± {se:.3f}")
+  return cells
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("groups", nargs="+", help="LABEL=GLOB")
@@ -60,16 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
       print(f"{label}: no finished runs match {pattern}", file=sys.stderr)
       continue
-    cells = []
-    for m in metrics:
-      vals = [float(r[m]) for r in runs if m in r]
-      if not vals:
-        cells.append("–")
-        continue
-      mean, se = mean_se(vals)
-      cells.append(f"{mean:.3f}" if math.isnan(se) else f"{mean:.3f} ± {se:.3f}")
     secs = "/".join(f"{r['train_s']:.0f}" for r in runs)
-    print(f"| {label} | {len(runs)} | " + " | ".join(cells) + f" | {secs} |")
+    print(f"| {label} | {len(runs)} | " + " | ".join(_cells(runs, metrics)) + f" | {secs} |")
+    if any(k.startswith("untrained_") for k in runs[0]):  # the init of the same runs
+      print(f"| {label}, untrained init | {len(runs)} | "
+            + " | ".join(_cells(runs, metrics, "untrained_")) + " | – |")
     for r in runs:
       print(f"  {label}: {r['workdir']}: " + ", ".join(
           f"{m} {r[m]:.4f}" for m in metrics if m in r), file=sys.stderr)

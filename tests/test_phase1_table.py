@@ -24,9 +24,12 @@ def test_table_averages_matching_workdirs(tmp_path, capsys):
     d = tmp_path / f"gen_it_s{seed}"
     d.mkdir()
     recs = [{"task": "straightforward", "method": "mf"},
-            {"task": "phase1", "cluster_p@10": p, "train_s": 10.0 + seed}]
+            {"task": "phase1", "cluster_p@10": p, "train_s": 10.0 + seed,
+             "untrained_cluster_p@10": 0.9 + 0.02 * seed}]
     (d / "results.json").write_text(json.dumps(recs))
   (tmp_path / "gen_it_s9").mkdir()  # unfinished run: no results.json, ignored
   phase1_table.main([f"IT={tmp_path}/gen_it_s*", "--metrics=cluster_p@10"])
-  row = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| IT |")]
-  assert row == ["| IT | 2 | 0.400 ± 0.200 | 10/11 |"]
+  out = capsys.readouterr().out.splitlines()
+  assert [ln for ln in out if ln.startswith("| IT |")] == ["| IT | 2 | 0.400 ± 0.200 | 10/11 |"]
+  assert [ln for ln in out if ln.startswith("| IT, untrained init |")] == [
+      "| IT, untrained init | 2 | 0.910 ± 0.010 | – |"]
