@@ -59,7 +59,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.pipeline = ml_collections.ConfigDict(dict(
       text_max_len=48 if dataset == "generated" else 64,
-      text_batch=64, pair_batch=64, window=3, seed=0))
+      text_batch=64, pair_batch=64, window=3, seed=0,
+      # item-item pairs once each (True) or once per co-occurrence (False)
+      dedup_pairs=False))
 
   # Q-Former: init 'minilm' (all-MiniLM-L6-v2 text tower), 'random', or a local BERT
   # folder (config.json + model.safetensors; num_layers = the first N of its layers).

@@ -36,6 +36,20 @@ def test_window_hand_computed():
   assert pairs.item_item_pairs([np.array([3, 3, 1, 3])], window=1).tolist() == [[1, 3]]
 
 
+def test_pairs_with_multiplicity():
+  # Without dedup every co-occurrence is a row: (0, 1) three times, (1, 2) once.
+  seqs = [np.array([0, 1, 0, 1]), np.array([2, 1, 1])]
+  got = pairs.item_item_pairs(seqs, window=1, dedup=False).tolist()
+  assert got == [[0, 1], [0, 1], [0, 1], [1, 2]]
+  assert pairs.item_item_pairs(seqs, window=1).tolist() == [[0, 1], [1, 2]]
+  rng = np.random.default_rng(2)
+  seqs = [rng.integers(0, 20, size=rng.integers(2, 12)) for _ in range(40)]
+  counted = [(min(s[i], s[j]), max(s[i], s[j])) for s in seqs for i in range(len(s))
+             for j in range(i + 1, min(len(s), i + 4)) if s[i] != s[j]]
+  got = pairs.item_item_pairs(seqs, window=3, dedup=False)
+  assert got.dtype == np.int32 and got.tolist() == [list(p) for p in sorted(counted)]
+
+
 def test_pairs_match_bruteforce_on_train_split():
   rng = np.random.default_rng(0)
   seqs = [rng.integers(0, 40, size=rng.integers(3, 15)) for _ in range(50)]

@@ -40,17 +40,20 @@ def item_text_records(ds: RecDataset, tokenizer: tokenizers.Tokenizer | None = N
           "input_mask": mask.reshape(len(items), max_len)}
 
 
-def item_item_pairs(train_seqs: Sequence[np.ndarray], window: int = 3) -> np.ndarray:
+def item_item_pairs(train_seqs: Sequence[np.ndarray], window: int = 3,
+                    dedup: bool = True) -> np.ndarray:
   """Items consumed within ``window`` steps of each other in one user's train sequence.
 
   Args:
     train_seqs: ``Split.train`` (U int arrays of item indices).
     window: positions t and t+d with 1 <= d <= window form a pair.
+    dedup: keep each distinct pair once (True), or once per co-occurrence (False), so that
+      sampling follows how often items are consumed together.
 
   Returns:
-    int32[P, 2], canonical (a < b; self-pairs from repeats dropped), deduplicated over all
-    users, sorted lexicographically. Pipelines emit both directions through the symmetric
-    II loss, and shuffle.
+    int32[P, 2], canonical (a < b; self-pairs from repeats dropped), sorted
+    lexicographically. Pipelines emit both directions through the symmetric II loss, and
+    shuffle.
   """
   if window < 1:
     raise ValueError(f"window must be >= 1, got {window}")
@@ -61,7 +64,10 @@ def item_item_pairs(train_seqs: Sequence[np.ndarray], window: int = 3) -> np.nda
     a, b = items[:-d][same_user], items[d:][same_user]
     chunks.append(np.stack([np.minimum(a, b), np.maximum(a, b)], 1))
   pairs = np.concatenate(chunks)
-  return _unique_rows(pairs[pairs[:, 0] != pairs[:, 1]])
+  pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+  if dedup:
+    return _unique_rows(pairs)
+  return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))].astype(np.int32)
 
 
 def user_item_pairs(train_seqs: Sequence[np.ndarray]) -> np.ndarray:

@@ -65,7 +65,7 @@ class Phase1Sets:
 
 
 def phase1_sets(ds: RecDataset, split: Split, *, pair_kind: str = "item_item",
-                window: int = 3, max_len: int = 64,
+                window: int = 3, dedup_pairs: bool = True, max_len: int = 64,
                 tokenizer: tokenizers.Tokenizer | None = None) -> Phase1Sets:
   """Derives item-text records and the pairs of ``pair_kind`` from the train split.
 
@@ -74,6 +74,8 @@ def phase1_sets(ds: RecDataset, split: Split, *, pair_kind: str = "item_item",
     split: its leave-one-out split; pairs come from ``split.train`` only.
     pair_kind: 'item_item' (window pairs) or 'user_item'.
     window: item-item window (steps).
+    dedup_pairs: item-item pairs once each (True) or once per co-occurrence
+      (``pairs.item_item_pairs``).
     max_len: L, token length of item texts.
     tokenizer: default MiniLM + [DEC].
 
@@ -81,7 +83,7 @@ def phase1_sets(ds: RecDataset, split: Split, *, pair_kind: str = "item_item",
     The Phase1Sets.
   """
   if pair_kind == "item_item":
-    pairs = pairs_lib.item_item_pairs(split.train, window)
+    pairs = pairs_lib.item_item_pairs(split.train, window, dedup=dedup_pairs)
   elif pair_kind == "user_item":
     pairs = pairs_lib.user_item_pairs(split.train)
   else:

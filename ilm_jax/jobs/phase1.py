@@ -255,7 +255,9 @@ def training_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike
   emb = cf_embeddings(config, workdir, ds, split)
   pc = config.pipeline
   sets = pipeline.phase1_sets(ds, split, pair_kind=pair_kind or "item_item",
-                              window=int(pc.window), max_len=int(pc.text_max_len))
+                              window=int(pc.window),
+                              dedup_pairs=bool(pc.dedup_pairs),
+                              max_len=int(pc.text_max_len))
   all_text = dict(sets.item_text)
   heldout = heldout_items(all_text, float(config.heldout_fraction), int(config.heldout_seed))
   sets = dataclasses.replace(
