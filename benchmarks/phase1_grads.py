@@ -152,7 +152,7 @@ def itc_stages(config_arg: str, workdir: str, cf_path: str,
   temp_of = pure(lambda m: m.qformer.temperature())
 
   @jax.jit
-  def head(item_feats, text_feats, temp, d_simq, d_sim):
+  def head(item_feats, text_feats, temp, d_simq, d_sim, items):
     """ITC loss from the features, with zero probes on the per-query and max similarities."""
     simq = losses.itc_sim_per_query(item_feats, text_feats) + d_simq
     sim = simq.max(axis=-1) / temp + d_sim
@@ -175,7 +175,7 @@ def itc_stages(config_arg: str, workdir: str, cf_path: str,
     zeros_q = jnp.zeros((b, b, k), jnp.float32, device=device)
     zeros_s = jnp.zeros((b, b), jnp.float32, device=device)
     loss, g = jax.value_and_grad(head, argnums=(0, 1, 2, 3, 4))(
-        feats_i, feats_t, temp, zeros_q, zeros_s)
+        feats_i, feats_t, temp, zeros_q, zeros_s, it)  # every input on `device`
     out["loss"] = np.asarray(loss)
     out["d sim_i2t (after max, /temp)"], out["d sim per query"] = g[4], g[3]
     out["d item_feats"], out["d text_feats"], out["d temp"] = g[0], g[1], g[2]
