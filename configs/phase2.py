@@ -104,6 +104,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       examples_per_user=1 if generated else 10, user_soft_tokens=True, seed=0))
   c.prompts.weights = ml_collections.ConfigDict(dict(data_phase2.DEFAULT_WEIGHTS))
   c.batch_size = 8
+  # Training batches of similar lengths (rows sorted by length in windows of group_by_length
+  # batches, batch order shuffled; 0 = plain shuffle), each cut to its longest row rounded up
+  # to pad_multiple (0 = every batch [B, max_len]). ML1M with K=4: 1.5x fewer padded tokens
+  # than [B, 320], 5 step shapes to compile. Off for the generated catalogue: its 40 steps at
+  # T=128 would save about what the second compile costs.
+  c.batching = ml_collections.ConfigDict(dict(
+      group_by_length=0 if generated else 50, pad_multiple=0 if generated else 64))
   c.loss = ml_collections.ConfigDict(dict(
       label_smoothing=0.0,
       max_answer_tokens=-1))  # -1 = the longest answer in the data; 0 = all positions

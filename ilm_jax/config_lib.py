@@ -59,6 +59,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     min_core = config.data.get("min_core", 0)
     if isinstance(min_core, bool) or not isinstance(min_core, int) or min_core < 0:
       raise ConfigError(f"config.data.min_core={min_core!r} must be an integer >= 0")
+  batching = config.get("batching")
+  for key in ("group_by_length", "pad_multiple") if batching is not None else ():
+    value = batching.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+      raise ConfigError(f"config.batching.{key}={value!r} must be an integer >= 0 (0 = off)")
   train = config.get("train")
   if train is not None and train.get("optimizer") is not None:
     opt = train.optimizer

@@ -205,6 +205,33 @@ def test_phase2_lm_loss_matches_full_logits_reference(models):
   assert float(m2["answer_tokens_cut"]) == 15 - 2 * B + 0
 
 
+def test_cutting_right_padding_changes_neither_loss_nor_gradients(models):
+  """What ``pipeline.length_grouped_batches`` relies on: a batch cut to its longest row
+  trains as the same batch padded to T (causal attention never looks right, so this checks
+  that nothing in the loss depends on T itself)."""
+  model = models["qformer"]
+  cut = _batch()
+  extra = 16
+  padded = dict(cut)
+  for key, fill in (("input_ids", 0), ("attn_mask", False), ("loss_mask", False)):
+    padded[key] = jnp.pad(cut[key], ((0, 0), (0, extra)), constant_values=fill)
+  graphdef, trainable, rest = partition.split_trainable(model, FROZEN)
+
+  def loss_of(t, b):
+    m = nnx.merge(graphdef, t, rest)
+    return phase2.phase2_loss(m, b, None, candidates="full", max_answer_tokens=8)[0]
+
+  grad_fn = jax.jit(jax.value_and_grad(loss_of))
+  (l_cut, g_cut), (l_pad, g_pad) = grad_fn(trainable, cut), grad_fn(trainable, padded)
+  assert padded["input_ids"].shape == (B, T + extra)
+  np.testing.assert_allclose(float(l_pad), float(l_cut), rtol=1e-6)
+  # Equal up to float reassociation (the matmuls run over other shapes): 1e-5 of the
+  # largest gradient entry (some parameters' gradients are 0 up to round-off).
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(g_cut))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale),
+               g_pad, g_cut)
+
+
 def test_answer_and_last_prompt_positions():
   mask = jnp.asarray([[False, True, False, True], [False, False, False, True]])
   idx, valid = phase2.answer_positions(mask, 3)

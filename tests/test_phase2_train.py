@@ -55,6 +55,7 @@ def _config(shared, arg="ilm,tiny", **train):
   c.cf_path = str(shared / "cf" / "embeddings.npz")
   c.phase1_dir = str(shared / "p1")
   c.prompts.update(dict(max_len=80, max_slots=5, max_history=2))
+  c.batching.update(dict(group_by_length=4, pad_multiple=16))  # the ML1M-style batches
   c.eval.update(dict(max_users=8, batch_size=8))
   c.train.update({**dict(total_steps=TOTAL, log_every=1, checkpoint_every=4), **train})
   c.train.optimizer.update(dict(lr=1e-2, warmup_steps=1))
@@ -64,7 +65,10 @@ def _config(shared, arg="ilm,tiny", **train):
 @pytest.fixture(scope="module")
 def run(shared, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("phase2_run")
-  summary = phase2_job.run(_config(shared), str(workdir))
+  lengths = []
+  summary = phase2_job.run(_config(shared), str(workdir),
+                           on_step=lambda step, batch: lengths.append(batch["input_ids"].shape))
+  summary["batch_shapes"] = lengths
   return workdir, summary
 
 
@@ -83,6 +87,10 @@ def test_end_to_end_loss_decreases_and_state_is_saved(run, shared):
   losses = [r["loss"] for r in recs if "loss" in r]
   assert len(losses) == TOTAL and np.all(np.isfinite(losses))
   assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+  # Length-grouped batches, cut to multiples of 16 (at most T = 80).
+  widths = [t for _, t in summary["batch_shapes"]]
+  assert len(widths) == TOTAL and all(t % 16 == 0 and t <= 80 for t in widths), widths
+  assert summary["mean_batch_len"] == pytest.approx(np.mean(widths))
 
   # The checkpoint and the saved state hold trainable params only (no LLM, no CF).
   meta = json.loads((outdir / "ilm.json").read_text())

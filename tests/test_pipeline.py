@@ -1,4 +1,4 @@
-"""Grain Phase 1 pipelines: determinism, 1:1 alternation, epochs, resume, sharding."""
+"""Grain pipelines: determinism, 1:1 alternation, epochs, resume, sharding, length grouping."""
 
 from __future__ import annotations
 
@@ -138,6 +138,86 @@ def test_two_processes_feed_disjoint_blocks_of_the_same_global_batches():
   e1 = np.concatenate([x["item"] for x in p1[:6:2]])
   assert not set(e0.tolist()) & set(e1.tolist())
   assert len(set(e0.tolist()) | set(e1.tolist())) == 12
+
+
+# ---------------------------------------------------------------- length-grouped batches
+
+T_MAX = 40
+
+
+def _sequences(n: int = 203, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """Right-padded rows of two length populations (short 3-12, long 25-40); row r's real
+  tokens are r + 1 and its padding 0, so a test can tell real from cut positions."""
+  rng = np.random.default_rng(seed)
+  lengths = np.where(rng.random(n) < 0.5, rng.integers(3, 13, n), rng.integers(25, 41, n))
+  valid = np.arange(T_MAX)[None] < lengths[:, None]
+  ids = np.where(valid, np.arange(n)[:, None] + 1, 0).astype(np.int32)
+  return {"row": np.arange(n, dtype=np.int32), "input_ids": ids, "mask": valid}, lengths
+
+
+def _grouped(records, lengths, *, group=50, multiple=8, batch=4, seed=0, **kw):
+  return pipeline.length_grouped_batches(
+      records, "seq", lengths=lengths, time_keys=("input_ids", "mask"), global_batch=batch,
+      seed=seed, group_by_length=group, pad_multiple=multiple, **kw)
+
+
+def test_length_grouped_epochs_cover_every_row_once_and_cut_only_padding():
+  records, lengths = _sequences()
+  ds = _grouped(records, lengths)
+  per_epoch = 203 // 4  # 50 batches, 3 rows dropped per epoch
+  batches = [ds[i] for i in range(2 * per_epoch)]
+  for epoch in (batches[:per_epoch], batches[per_epoch:]):
+    rows = np.concatenate([b["row"] for b in epoch])
+    assert len(rows) == len(set(rows.tolist())) == 200
+  for b in batches:
+    t = b["input_ids"].shape[1]
+    longest = lengths[b["row"]].max()
+    assert t == min(-(-longest // 8) * 8, T_MAX) and b["mask"].shape == (4, t)
+    np.testing.assert_array_equal(b["input_ids"], records["input_ids"][b["row"], :t])
+    assert not records["mask"][b["row"], t:].any()  # only padding was cut
+  # Grouping puts the two populations in separate batches: far less padding than
+  # plain shuffling (which still cuts, but a mixed batch pads to its long row).
+  plain = _grouped(records, lengths, group=0)
+  mean_t = np.mean([b["input_ids"].shape[1] for b in batches[:per_epoch]])
+  mean_plain = np.mean([plain[i]["input_ids"].shape[1] for i in range(per_epoch)])
+  assert mean_t < 0.8 * mean_plain, (mean_t, mean_plain)
+  # Epoch 0 starts with its longest batch; the batch order is shuffled, not sorted.
+  assert batches[0]["input_ids"].shape[1] == T_MAX
+  shapes = [b["input_ids"].shape[1] for b in batches[1:per_epoch]]
+  assert shapes != sorted(shapes) and shapes != sorted(shapes, reverse=True)
+
+
+def test_length_grouping_off_is_the_plain_pipeline():
+  records, lengths = _sequences(n=40)
+  plain = pipeline.batches(records, "seq", global_batch=4, seed=3)
+  same = _grouped(records, lengths, group=0, multiple=0, seed=3)
+  _assert_batches_equal([same[i] for i in range(25)], [plain[i] for i in range(25)])
+
+
+def test_length_grouped_batches_resume_and_split_over_processes():
+  records, lengths = _sequences()
+  it = pipeline.to_iterator(_grouped(records, lengths, seed=7))
+  _take(it, 30)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = _take(it, 40)  # crosses into epoch 1
+  fresh = pipeline.to_iterator(_grouped(records, lengths, seed=7))
+  fresh.set_state(state)
+  _assert_batches_equal(_take(fresh, 40), expected)
+  whole = _grouped(records, lengths, seed=7, process_index=0, process_count=1)
+  halves = [_grouped(records, lengths, seed=7, process_index=p, process_count=2) for p in (0, 1)]
+  for i in range(0, 100, 7):
+    # Every process gets the global batch's length, not its own block's longest row.
+    _assert_batches_equal(
+        [{k: np.concatenate([halves[0][i][k], halves[1][i][k]]) if k != "kind" else "seq"
+          for k in whole[i]}], [whole[i]])
+
+
+def test_length_grouped_batches_reject_bad_arguments():
+  records, lengths = _sequences(n=20)
+  with pytest.raises(ValueError, match="lengths"):
+    _grouped(records, lengths[:-1])
+  with pytest.raises(ValueError, match="must be >= 0"):
+    _grouped(records, lengths, group=-1)
 
 
 def test_bad_batch_sizes_fail_clearly():

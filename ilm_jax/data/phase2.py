@@ -9,9 +9,10 @@ Pipeline (everything host-side numpy, built once; ``build`` runs the first three
   PromptEncoder(tokenizer, ds, ...)  chat template + slots -> ids; caches the ids of
                                      repeated strings ("item_1234", template pieces)
   encode_examples(samples, encoder)  dict of static arrays (below)
-  phase2_dataset(examples, ...)      Grain MapDataset of shuffled static batches
-                                     (``pipeline.batches``: seeded, repeat, per-process
-                                     blocks, resumable via ``pipeline.to_iterator``)
+  phase2_dataset(examples, ...)      Grain MapDataset of shuffled batches, optionally of
+                                     similar lengths with the padding cut to a multiple
+                                     (``pipeline.length_grouped_batches``: seeded, repeat,
+                                     per-process blocks, resumable via ``to_iterator``)
 
 Example arrays (T = ``max_len``, S = ``max_slots``, K = ``soft_tokens``):
   input_ids int32[T]  token ids, right-padded; each slot's K positions hold ``pad_id``
@@ -70,6 +71,7 @@ DEFAULT_WEIGHTS = {"sequential": 1.0, "straightforward": 0.5, "describe": 0.1,
                    "multiturn": 0.1, "tool_call": 0.02}
 EXAMPLE_KEYS = ("input_ids", "attn_mask", "loss_mask", "slot_ids", "slot_kind", "slot_pos",
                 "target_item", "user", "task", "template")
+TIME_KEYS = ("input_ids", "attn_mask", "loss_mask")  # the [R, T] arrays
 
 
 # ============================================================================ encoder
@@ -734,20 +736,36 @@ def build(ds: RecDataset, split: Split, tokenizer: LlmTokenizer,
 
 
 def phase2_dataset(examples: Mapping[str, np.ndarray], *, global_batch: int, seed: int,
+                   group_by_length: int = 0, pad_multiple: int = 0,
                    process_index: int | None = None, process_count: int | None = None
                    ) -> grain.MapDataset:
-  """Infinite shuffled static batches of Phase 2 examples (``pipeline.batches`` semantics).
+  """Infinite shuffled batches of Phase 2 examples (``pipeline.length_grouped_batches``).
 
   Args:
     examples: ``encode_examples(...)[0]``.
     global_batch: B over all processes; each epoch's last partial batch is dropped.
     seed: shuffle seed.
+    group_by_length: batch rows of similar length together, in windows of this many
+      batches (0 = plain shuffle, ``pipeline.batches``' order).
+    pad_multiple: cut each batch's ``input_ids``/``attn_mask``/``loss_mask`` to its longest
+      row rounded up to this (0 = keep T: static [B, T] batches).
+    process_index: this process (default ``jax.process_index()``).
+    process_count: number of processes (default ``jax.process_count()``).
 
   Returns:
     MapDataset of {'kind': 'phase2', key: array[B / process_count, ...]}; iterate with
     ``pipeline.to_iterator`` (resumable ``get_state``/``set_state``).
   """
   records = {k: examples[k] for k in EXAMPLE_KEYS}
-  return pipeline.batches(records, "phase2", global_batch=global_batch,
-                          seed=pipeline.stream_seed(seed, 2), process_index=process_index,
-                          process_count=process_count)
+  return pipeline.length_grouped_batches(
+      records, "phase2", lengths=example_lengths(examples), time_keys=TIME_KEYS,
+      global_batch=global_batch, seed=pipeline.stream_seed(seed, 2),
+      group_by_length=group_by_length, pad_multiple=pad_multiple,
+      process_index=process_index, process_count=process_count)
+
+
+def example_lengths(examples: Mapping[str, np.ndarray]) -> np.ndarray:
+  """int64[R]: one past each row's last real position (``attn_mask``; rows are right-padded)."""
+  mask = np.asarray(examples["attn_mask"], bool)
+  last = mask.shape[1] - np.argmax(mask[:, ::-1], axis=1)
+  return np.where(mask.any(axis=1), last, 0).astype(np.int64)

@@ -1,4 +1,4 @@
-"""Grain input pipelines for Phase 1: item-text batches alternating 1:1 with pair batches.
+"""Grain input pipelines: Phase 1 item-text and pair batches (1:1), Phase 2 prompt batches.
 
 One ``grain.MapDataset`` per stream, all index arithmetic, so an iterator's whole state is
 the index of the next batch (``get_state()`` -> ``{'next_index': n}``) and a restored
@@ -10,6 +10,10 @@ iterator continues with exactly the batch it would have produced:
   -> map(gather + kind)            int64[B_local] -> {'kind', arrays[B_local, ...]}
   -> repeat()                      infinite
   select_from_datasets(round robin)  item_text, pairs, item_text, pairs, ...
+
+``length_grouped_batches`` is the variant for right-padded sequences (Phase 2 prompts): the
+same per-epoch permutation, windows of it sorted by length, and each batch cut to its
+longest row, so little of a step is padding.
 
 Global batches do not depend on the number of processes: global batch ``b`` of an epoch is
 rows ``[b * B, (b + 1) * B)`` of that epoch's permutation, and process ``p`` of ``P`` feeds
@@ -150,6 +154,48 @@ class _BatchIndices(grain.MapDataset):
     return self._perm(epoch)[start:start + self._local]
 
 
+class _LengthGroupedIndices(_BatchIndices):
+  """``_BatchIndices`` with length-grouped epochs; elements are (indices, batch length).
+
+  See ``length_grouped_batches``. The epoch order is a function of (seed, epoch) only, so
+  element ``i`` is the same batch whatever was read before (resumable, like the base).
+  """
+
+  def __init__(self, lengths: np.ndarray, global_batch: int, seed: int, process_index: int,
+               process_count: int, *, group: int, pad_multiple: int, max_len: int):
+    super().__init__(len(lengths), global_batch, seed, process_index, process_count)
+    self._lengths = lengths
+    self._group, self._multiple, self._max_len = group, pad_multiple, max_len
+
+  def _perm(self, epoch: int) -> np.ndarray:
+    perm = self._cache.get(epoch)
+    if perm is not None or not self._group:
+      return perm if perm is not None else super()._perm(epoch)
+    rng = np.random.default_rng([self._seed, epoch])
+    g = self._global
+    used = rng.permutation(self._n)[:self._batches * g]
+    window = g * self._group
+    for start in range(0, len(used), window):
+      part = used[start:start + window]
+      used[start:start + window] = part[np.argsort(-self._lengths[part], kind="stable")]
+    order = rng.permutation(self._batches)
+    if epoch == 0:  # the longest batch first: a shape that does not fit fails at step 1
+      longest = int(np.argmax(self._lengths[used].reshape(-1, g).max(axis=1)))
+      order = np.concatenate([[longest], order[order != longest]])
+    perm = used.reshape(-1, g)[order].reshape(-1)
+    self._cache = {epoch: perm}
+    return perm
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    epoch, b = divmod(index, self._batches)
+    rows = self._perm(epoch)[b * self._global:(b + 1) * self._global]
+    longest = max(int(self._lengths[rows].max()), 1)
+    length = min(-(-longest // self._multiple) * self._multiple, self._max_len)
+    return rows[self._offset:self._offset + self._local], length
+
+
 class _RoundRobin(grain.transforms.DatasetSelectionMap):
   """Element i -> (stream i % k, element i // k of it): strict 1:1(:1...) alternation."""
 
@@ -169,6 +215,26 @@ def _gather(indices: np.ndarray, *, records: Mapping[str, np.ndarray], kind: str
   for key, value in records.items():
     out[key] = value[indices]
   return out
+
+
+def _gather_cut(element: tuple[np.ndarray, int], *, records: Mapping[str, np.ndarray],
+                kind: str, time_keys: tuple[str, ...]) -> dict[str, Any]:
+  indices, length = element
+  out = _gather(indices, records=records, kind=kind)
+  for key in time_keys:
+    out[key] = np.ascontiguousarray(out[key][:, :length])
+  return out
+
+
+def _as_records(records: Mapping[str, np.ndarray], kind: str
+                ) -> tuple[dict[str, np.ndarray], int]:
+  """(records as numpy arrays, their common leading dim N)."""
+  records = {key: np.asarray(v) for key, v in records.items()}
+  sizes = {v.shape[0] for v in records.values()}
+  if len(sizes) != 1:
+    raise ValueError(f"records of kind {kind!r} have different lengths: "
+                     f"{ {key: v.shape[0] for key, v in records.items()} }")
+  return records, sizes.pop()
 
 
 def batches(records: Mapping[str, np.ndarray], kind: str, *, global_batch: int, seed: int,
@@ -192,14 +258,59 @@ def batches(records: Mapping[str, np.ndarray], kind: str, *, global_batch: int, 
     MapDataset of {'kind': kind, name: array[B / process_count, ...]}.
   """
   p, k = _process(process_index, process_count)
-  records = {key: np.asarray(v) for key, v in records.items()}
-  sizes = {v.shape[0] for v in records.values()}
-  if len(sizes) != 1:
-    raise ValueError(f"records of kind {kind!r} have different lengths: "
-                     f"{ {key: v.shape[0] for key, v in records.items()} }")
-  (n,) = sizes
+  records, n = _as_records(records, kind)
   ds = _BatchIndices(n, global_batch, seed, p, k)
   return ds.map(functools.partial(_gather, records=records, kind=kind)).repeat()
+
+
+def length_grouped_batches(records: Mapping[str, np.ndarray], kind: str, *,
+                           lengths: np.ndarray, time_keys: Sequence[str], global_batch: int,
+                           seed: int, group_by_length: int, pad_multiple: int,
+                           process_index: int | None = None, process_count: int | None = None
+                           ) -> grain.MapDataset:
+  """``batches`` for right-padded sequences: similar lengths batched, padding trimmed.
+
+  Each epoch draws the same kind of seeded permutation as ``batches``, cuts it into
+  windows of ``group_by_length`` global batches, sorts each window by length (longest
+  first) and cuts it into batches, then shuffles the order of the epoch's batches
+  (Hugging Face's ``group_by_length`` sampler, with the batch order shuffled). The one
+  exception: epoch 0 starts with its longest batch, so an out-of-memory shape fails at the
+  first step. Every batch's ``time_keys`` arrays are cut to its longest row rounded up to
+  ``pad_multiple`` (at most the arrays' length), the same length on every process, so a
+  run compiles at most ``ceil(T / pad_multiple)`` step shapes. A causal model never
+  attends to the right padding, so cutting it changes no result (``tests/test_ilm.py``).
+
+  Args:
+    records: as ``batches``; the ``time_keys`` arrays are [N, T], right-padded.
+    kind: the batch's ``kind`` value.
+    lengths: int[N] real length of each row (positions past it are padding).
+    time_keys: the records cut along axis 1.
+    global_batch: B over all processes.
+    seed: shuffle seed.
+    group_by_length: window size in global batches (0 = no grouping: ``batches``' order,
+      padding still cut per batch).
+    pad_multiple: batch lengths are multiples of this (capped at T); 0 = always T.
+    process_index: this process (default ``jax.process_index()``).
+    process_count: number of processes (default ``jax.process_count()``).
+
+  Returns:
+    MapDataset of {'kind': kind, name: array[B / process_count, ...]}.
+  """
+  p, k = _process(process_index, process_count)
+  records, n = _as_records(records, kind)
+  lengths = np.asarray(lengths, np.int64)
+  widths = {records[key].shape[1] for key in time_keys}
+  if lengths.shape != (n,) or len(widths) != 1:
+    raise ValueError(f"lengths {lengths.shape} must be ({n},) and the time_keys {time_keys} "
+                     f"must share one length (got {sorted(widths)})")
+  if group_by_length < 0 or pad_multiple < 0:
+    raise ValueError(f"group_by_length={group_by_length}, pad_multiple={pad_multiple}: "
+                     "must be >= 0")
+  (width,) = widths
+  ds = _LengthGroupedIndices(lengths, global_batch, seed, p, k, group=group_by_length,
+                             pad_multiple=pad_multiple or width, max_len=width)
+  return ds.map(functools.partial(_gather_cut, records=records, kind=kind,
+                                  time_keys=tuple(time_keys))).repeat()
 
 
 def pair_records(pairs: np.ndarray, kind: str) -> dict[str, np.ndarray]:

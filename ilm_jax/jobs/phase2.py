@@ -82,7 +82,15 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         f"T={encoder.max_len}, K={model.num_soft_tokens}, answer tokens <= {max_answer}; "
         f"LLM {llm_model.config.layers} layers x {llm_model.config.dim}", flush=True)
   data = pipeline.to_iterator(data_phase2.phase2_dataset(
-      examples, global_batch=int(config.batch_size), seed=int(config.prompts.seed)))
+      examples, global_batch=int(config.batch_size), seed=int(config.prompts.seed),
+      group_by_length=int(config.batching.group_by_length),
+      pad_multiple=int(config.batching.pad_multiple)))
+  padded: list[int] = []  # each step's batch length (T after the padding cut)
+
+  def count_step(step: int, batch: Mapping[str, Any]) -> None:
+    padded.append(int(batch["input_ids"].shape[1]))
+    if on_step is not None:
+      on_step(step, batch)
 
   loss_fn = functools.partial(
       phase2.phase2_loss, retrieval_weight=float(config.retrieval.weight),
@@ -100,7 +108,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   t0 = time.perf_counter()
   result = train.train(config.train, outdir, model_fn=lambda: model, losses={"phase2": loss_fn},
                        data=data, mesh=partition.make_mesh(), eval_fn=evaluator,
-                       on_step=on_step)
+                       on_step=count_step)
   train_s = time.perf_counter() - t0
   if result.stopped_by_signal:
     print(f"phase2: stopped by a signal at step {result.step}; rerun to resume", flush=True)
@@ -114,13 +122,15 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   rates = [json.loads(line).get("steps_per_sec") for line in
            (outdir / "metrics.jsonl").read_text().splitlines() if "steps_per_sec" in line]
   steps_per_s = float(rates[-1]) if rates else 0.0
+  # This process's steps (a resumed run counts from the restart).
+  mean_len = float(np.mean(padded)) if padded else float(encoder.max_len)
   summary = dict(
       dataset=ds.name, method=method, variant=config.variant, steps=int(result.step),
       train_s=round(train_s, 1), examples=n, dropped=dropped, batch_size=int(config.batch_size),
       max_len=encoder.max_len, soft_tokens=model.num_soft_tokens,
       trainable_params=counts["trainable"], frozen_values=counts["frozen"],
-      steps_per_s=round(steps_per_s, 4),
-      padded_tokens_per_s=round(steps_per_s * int(config.batch_size) * encoder.max_len, 1),
+      steps_per_s=round(steps_per_s, 4), mean_batch_len=round(mean_len, 1),
+      padded_tokens_per_s=round(steps_per_s * int(config.batch_size) * mean_len, 1),
       devices=len(jax.devices()), device_kind=jax.devices()[0].device_kind,
       command=results.command_line(),
       **{k: float(v) for k, v in result.eval_metrics.items()})
