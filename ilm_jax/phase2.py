@@ -198,7 +198,8 @@ class RetrievalValidation:
     samples = data_phase2.eval_samples(ds, split, "valid", task, "seen", users=users.tolist(),
                                        max_history=max_history,
                                        user_soft_tokens=encoder.user_soft_tokens)
-    self.prompts = data_phase2.encode_prompts(samples, encoder)
+    prompts = data_phase2.encode_prompts(samples, encoder)
+    self.prompts = data_phase2.cut_padding(prompts, prompts["prompt_len"])
     self.split, self.num_items = split, ds.num_items
     self.batch_size = batch_size
 

@@ -764,6 +764,20 @@ def phase2_dataset(examples: Mapping[str, np.ndarray], *, global_batch: int, see
       process_index=process_index, process_count=process_count)
 
 
+def cut_padding(arrays: Mapping[str, np.ndarray], lengths: np.ndarray, multiple: int = 32
+                ) -> dict[str, np.ndarray]:
+  """``arrays`` with their ``TIME_KEYS`` cut to the longest of ``lengths`` (rounded up to
+  ``multiple``): the right padding no row uses. Other keys are shared, not copied."""
+  lengths = np.asarray(lengths)
+  limit = np.asarray(arrays["input_ids"]).shape[1]
+  t = pipeline.padded_length(int(lengths.max()) if lengths.size else 1, multiple, limit)
+  out = dict(arrays)
+  for key in TIME_KEYS:
+    if key in out:
+      out[key] = np.ascontiguousarray(out[key][:, :t])
+  return out
+
+
 def example_lengths(examples: Mapping[str, np.ndarray]) -> np.ndarray:
   """int64[R]: one past each row's last real position (``attn_mask``; rows are right-padded)."""
   mask = np.asarray(examples["attn_mask"], bool)

@@ -191,8 +191,7 @@ class _LengthGroupedIndices(_BatchIndices):
       return self.slice(index)
     epoch, b = divmod(index, self._batches)
     rows = self._perm(epoch)[b * self._global:(b + 1) * self._global]
-    longest = max(int(self._lengths[rows].max()), 1)
-    length = min(-(-longest // self._multiple) * self._multiple, self._max_len)
+    length = padded_length(int(self._lengths[rows].max()), self._multiple, self._max_len)
     return rows[self._offset:self._offset + self._local], length
 
 
@@ -311,6 +310,14 @@ def length_grouped_batches(records: Mapping[str, np.ndarray], kind: str, *,
                              pad_multiple=pad_multiple or width, max_len=width)
   return ds.map(functools.partial(_gather_cut, records=records, kind=kind,
                                   time_keys=tuple(time_keys))).repeat()
+
+
+def padded_length(longest: int, multiple: int, limit: int) -> int:
+  """``longest`` (at least 1) rounded up to a multiple of ``multiple``, at most ``limit``;
+  ``multiple`` 0 = ``limit``. Few distinct lengths = few compilations."""
+  if not multiple:
+    return limit
+  return min(-(-max(longest, 1) // multiple) * multiple, limit)
 
 
 def pair_records(pairs: np.ndarray, kind: str) -> dict[str, np.ndarray]:

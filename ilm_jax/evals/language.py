@@ -41,7 +41,6 @@ from ilm_jax.data import prompts as P
 from ilm_jax.data.types import RecDataset, Split
 
 TASKS = ("describe", "attributes", "compare", "taste", "reason")
-_LEN_MULTIPLE = 32
 
 
 # ============================================================================ samples
@@ -80,16 +79,6 @@ def reference_text(sample: P.Sample) -> str:
 
 
 # ============================================================================ model calls
-
-
-def _cut(arrays: dict[str, np.ndarray], length: np.ndarray, max_len: int) -> dict:
-  t = int(length.max()) if len(length) else 1
-  t = min(max_len, -(-t // _LEN_MULTIPLE) * _LEN_MULTIPLE)
-  out = dict(arrays)
-  for k in ("input_ids", "attn_mask", "loss_mask"):
-    if k in out:
-      out[k] = np.ascontiguousarray(out[k][:, :t])
-  return out
 
 
 def _rows(n: int, batch_size: int):
@@ -131,7 +120,7 @@ def reference_loglik(model: nnx.Module, samples: Sequence[P.Sample],
   n = len(ex["input_ids"])
   if n == 0:
     return np.zeros(0), np.zeros(0, np.int64)
-  ex = _cut(ex, ex["attn_mask"].sum(axis=1), encoder.max_len)
+  ex = phase2.cut_padding(ex, phase2.example_lengths(ex))
   graphdef, state = nnx.split(model)
   lp_sum, count = np.zeros(n), np.zeros(n, np.int64)
   for rows, m in _rows(n, min(batch_size, n)):
@@ -149,7 +138,7 @@ def generate_answers(model: nnx.Module, samples: Sequence[P.Sample],
   if not samples:
     return []
   arrays = phase2.encode_prompts(list(samples), encoder)
-  arrays = _cut(arrays, arrays["prompt_len"], encoder.max_len)
+  arrays = phase2.cut_padding(arrays, arrays["prompt_len"])
   tok = encoder.tokenizer
   stop_ids = tuple(dict.fromkeys(tuple(tok.stop_ids) + tuple(model.llm.config.eos_ids)))
   graphdef, state = nnx.split(model)

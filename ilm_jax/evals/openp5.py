@@ -46,7 +46,6 @@ from ilm_jax.evals import ranking
 
 BEAM_SIZE = 10
 SCORERS = ("generation", "retrieval")
-_LEN_MULTIPLE = 32  # prompt lengths are rounded up to this (fewer distinct compilations)
 
 
 # ============================================================================ prompts
@@ -104,10 +103,7 @@ def build_prompts(ds: RecDataset, split: Split, which: str, task: str, template:
                                 max_history=max_history,
                                 user_soft_tokens=encoder.user_soft_tokens)
   arrays = phase2.encode_prompts(samples, encoder)
-  t = int(arrays["prompt_len"].max()) if len(samples) else 1
-  t = min(encoder.max_len, -(-t // _LEN_MULTIPLE) * _LEN_MULTIPLE)
-  for k in ("input_ids", "attn_mask"):
-    arrays[k] = np.ascontiguousarray(arrays[k][:, :t])
+  arrays = phase2.cut_padding(arrays, arrays["prompt_len"])
   hist = split.history(which)
   return Prompts(arrays=arrays, users=users,
                  targets=np.asarray(split.targets(which), np.int32)[users],
