@@ -78,8 +78,15 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   max_answer = int(config.loss.max_answer_tokens)
   if max_answer < 0:
     max_answer = phase2.max_answer_tokens(examples)
+  bc = config.batching
+  batching = (f"batches cut to multiples of {bc.pad_multiple}" if bc.pad_multiple
+              else "batches padded to T")
+  if bc.group_by_length:
+    batching += f", rows grouped by length in windows of {bc.group_by_length} batches"
   print(f"phase2: {ds.name} {method}: {n} training examples ({dropped} too long, dropped), "
-        f"T={encoder.max_len}, K={model.num_soft_tokens}, answer tokens <= {max_answer}; "
+        f"T={encoder.max_len} (mean length "
+        f"{data_phase2.example_lengths(examples).mean() if n else 0:.0f}; {batching}), "
+        f"K={model.num_soft_tokens}, answer tokens <= {max_answer}; "
         f"LLM {llm_model.config.layers} layers x {llm_model.config.dim}", flush=True)
   data = pipeline.to_iterator(data_phase2.phase2_dataset(
       examples, global_batch=int(config.batch_size), seed=int(config.prompts.seed),
