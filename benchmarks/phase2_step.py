@@ -42,11 +42,13 @@ def main() -> None:
   p.add_argument("--candidates", default="batch", choices=phase2.CANDIDATES)
   p.add_argument("--negatives", type=int, default=120)
   p.add_argument("--tiny", action="store_true")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="the frozen LLM's compute dtype (config.llm.dtype)")
   a = p.parse_args()
 
   t0 = time.perf_counter()
   llm_model, _ = ilm_lib.load_llm(ml_collections.ConfigDict(
-      dict(source="", tiny=a.tiny, dtype="float32", seed=0)))
+      dict(source="", tiny=a.tiny, dtype=a.dtype, seed=0)))
   load_s = time.perf_counter() - t0
   k = 4
   qcfg = qformer.QFormerConfig(num_query_tokens=k, cf_dim=64)
@@ -63,9 +65,9 @@ def main() -> None:
   loss_fn = functools.partial(phase2.phase2_loss, max_answer_tokens=a.answer,
                               candidates=a.candidates, num_negatives=a.negatives)
   step = jax.jit(steps.make_train_step(graphdef, loss_fn, tx), donate_argnums=(0, 2))
-  print("| LLM | B x T | load s | compile+1st step s | s/step | tokens/s | examples/s | "
+  print("| LLM | dtype | B x T | load s | compile+1st step s | s/step | tokens/s | examples/s | "
         "CPU s/step | trainable | frozen | peak RSS GB | load avg |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for t in (int(x) for x in a.len.split(",")):
     batch = _batch(rng, a, t, k, llm_model.config.vocab)
     opt_state = tx.init(trainable)
@@ -80,7 +82,7 @@ def main() -> None:
     per_step = (time.perf_counter() - t0) / a.steps
     cpu_step = (time.process_time() - c0) / a.steps
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"| {'tiny' if a.tiny else 'SmolLM2-135M'} | {a.batch} x {t} | {load_s:.1f} | "
+    print(f"| {'tiny' if a.tiny else 'SmolLM2-135M'} | {a.dtype} | {a.batch} x {t} | {load_s:.1f} | "
           f"{first_s:.1f} | {per_step:.2f} | {a.batch * t / per_step:.0f} | "
           f"{a.batch / per_step:.2f} | {cpu_step:.2f} | {counts['trainable']:,} | "
           f"{counts['frozen']:,} | {rss_gb:.2f} | {os.getloadavg()[0]:.1f} |", flush=True)

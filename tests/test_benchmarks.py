@@ -20,7 +20,7 @@ def test_phase2_step_prints_a_row_per_length():
       [sys.executable, str(resources.REPO_ROOT / "benchmarks" / "phase2_step.py"), "--tiny",
        "--len", "48,64", "--steps", "1", "--answer", "8"],
       capture_output=True, text=True, timeout=600, check=True).stdout
-  rows = re.findall(r"^\| tiny \| 8 x (\d+) \|.*\|$", out, re.MULTILINE)
+  rows = re.findall(r"^\| tiny \| float32 \| 8 x (\d+) \|.*\|$", out, re.MULTILINE)
   assert rows == ["48", "64"], out
   loss = float(re.search(r"^loss (\S+);", out, re.MULTILINE).group(1))
   assert 0 < loss < 100  # a cross-entropy, finite
