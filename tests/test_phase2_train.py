@@ -159,3 +159,12 @@ def test_small_flag_gives_ilm_rand_the_small_phase1_architecture():
   for arg, p1_arg in (("rand,ml1m,small", "ml1m,small"), ("rand,ml1m", "ml1m")):
     assert _get_config(arg).qformer == config_lib.load_config_file(phase1, p1_arg).model
   assert _get_config("rand,ml1m,small").qformer.init == "random"
+
+
+@pytest.mark.parametrize("key, value", [("pad_multiple", -1), ("group_by_length", -3),
+                                        ("pad_multiple", True)])
+def test_bad_batching_values_are_config_errors(key, value):
+  c = _get_config("ml1m")
+  c.batching[key] = value
+  with pytest.raises(config_lib.ConfigError, match=f"config.batching.{key}="):
+    config_lib.validate(c)
