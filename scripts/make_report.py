@@ -171,11 +171,24 @@ def ranking_table(best: dict, dataset: str, task: str, template: str,
                    f"{_num(steps)} | {_num(wall, '{:.1f}')} | {_run_label(r, runs)} |")
     if not found:
       lines.append(f"| {name} | — | **missing** (not run) | | | | | | | |")
+  lines += _popularity_row(best, dataset, runs)
   if template == "seen":
     for label, *vals in PUBLISHED.get((dataset, task), []):
       cells = ["" if v is None else f"{v:.4f}" for v in vals]
       lines.append(f"| *published: {label}* | | " + " | ".join(cells) + " | | | | SPEC §7 |")
   return lines, shown
+
+
+def _popularity_row(best: dict, dataset: str, runs: list[str]) -> list[str]:
+  """The popularity baseline the cf job files in its MF record (one item list for every
+  user, so the same row in every table of the dataset); none if the record lacks it."""
+  r = best.get((dataset, "test", "straightforward", "seen", "mf"))
+  if r is None or "popularity_hr@5" not in r:
+    return []
+  pop = {k[len("popularity_"):]: v for k, v in r.items() if k.startswith("popularity_")}
+  return ["| *popularity (train counts)* | — | " + " | ".join(_fmt(pop, k) for k in METRICS)
+          + f" | {r['users']}{' (sample)' if r.get('subsample') else ''} | | | "
+          f"{_run_label(r, runs)} |"]
 
 
 def ordering_check(best: dict, dataset: str = "ml1m", task: str = "sequential",

@@ -3,6 +3,7 @@ and the OpenP5 BPR-MF comparator on real data (skips without ../shared/data)."""
 
 from __future__ import annotations
 
+import collections
 import json
 
 import jax.numpy as jnp
@@ -39,6 +40,19 @@ def test_tiny_job_writes_records_and_embeddings(tmp_path):
       ("valid", "mf", "straightforward", "seen"), ("test", "mf", "straightforward", "seen")}
   ds = sources.load_dataset(config.data)
   assert all(r["users"] == ds.num_users and r["dataset"] == "generated" for r in on_disk)
+  # The popularity baseline rides along, on the same users: items by training count.
+  split = types.leave_one_out(ds)
+  counts = collections.Counter(int(i) for seq in split.train for i in seq)
+  for r in on_disk:
+    hist, target = split.history(r["split"]), split.targets(r["split"])
+    ranks = []
+    for h, t in zip(hist, target, strict=True):
+      seen = set(h.tolist())
+      ranks.append(np.inf if int(t) in seen else 1 + sum(  # ties count against the target
+          1 for i in range(ds.num_items)
+          if i != t and i not in seen and counts[i] >= counts[int(t)]))
+    assert r["popularity_hr@10"] == pytest.approx(np.mean(np.asarray(ranks) <= 10))
+    assert 0 < r["popularity_hr@10"] < r["hr@10"]
   emb = mf.load_embeddings(cf_job.embeddings_path(tmp_path))
   emb.check_matches(ds)
   assert emb.item_emb.shape == (ds.num_items, config.mf.dim)
@@ -57,9 +71,7 @@ def test_mf_beats_popularity_and_random_on_generated():
   res = mf.train_als(split.train, n, mf.ALSConfig(dim=32, reg=1.0, alpha=10.0, iters=5),
                      progress=lambda _: None)
   got = ranking.evaluate_scores(mf.score_fn(res.user_emb, res.item_emb), split, "valid", n)
-  pop = jnp.asarray(np.bincount(np.concatenate(split.train), minlength=n), jnp.float32)
-  popular = ranking.evaluate_scores(lambda u: jnp.broadcast_to(pop, (u.shape[0], n)), split,
-                                    "valid", n)
+  popular = ranking.evaluate_scores(mf.popularity_score_fn(split.train, n), split, "valid", n)
   table = jnp.asarray(np.random.default_rng(0).random((ds.num_users, n)), jnp.float32)
   rand = ranking.evaluate_scores(lambda u: table[u], split, "valid", n)
   assert rand["hr@10"] < 0.03  # ~10 / 1000 candidates

@@ -34,7 +34,9 @@ def runs(tmp_path):
       _rec("ilm-it-ii", 0.30, steps=2000, wall_s=12.5, command="python -m ilm_jax.main x"),
       _rec("ilm-it-ii+retrieval", 0.25, steps=2000),
       _rec("ilm-rand", 0.20), _rec("mlp", 0.10),
-      _rec("mf", 0.05, task="straightforward", iters=10),
+      _rec("mf", 0.05, task="straightforward", iters=10,
+           **{"popularity_hr@5": 0.02, "popularity_hr@5_se": 0.004, "popularity_ndcg@5": 0.01,
+              "popularity_hr@10": 0.03, "popularity_ndcg@10": 0.015}),
       dict(dataset="ml1m", split="test", task="language", template="seen", method="mlp",
            users=20, semantic_consistency=0.61, semantic_consistency_se=0.02,
            loglik_per_token=-2.5, loglik_per_token_se=0.1),
@@ -75,6 +77,10 @@ def test_report_tables_missing_and_json(runs, tmp_path):
   assert ("Ordering ILM > ILM-rand > MLP (ML1M sequential, seen template, HR@5, beam search):"
           " holds, with non-overlapping") in md
   assert "| MF | dot product | 0.0500 ± 0.0100 |" in md
+  # The popularity baseline from the MF record: one row in each of ML1M's four tables.
+  pop_row = ("| *popularity (train counts)* | — | 0.0200 ± 0.0040 | 0.0100 | 0.0300 | 0.0150 "
+             "| 100 | | | R1 |")
+  assert md.split("## Beauty")[0].count(pop_row) == 4
   assert "`python -m ilm_jax.main x`" in md
   assert ("| R1 | `phase2/mlp` | ml1m | mlp | 2000 | 8 | 99.5 | NVIDIA H200 | 60400 | 320 | 4 "
           "| 1234 | `python -m ilm_jax.main --config=p2` |") in md

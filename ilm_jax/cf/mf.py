@@ -364,6 +364,16 @@ def score_fn(user_emb: np.ndarray | jax.Array,
   return lambda users: _dot_scores(users, u, v)
 
 
+def popularity_score_fn(train: Sequence[np.ndarray], num_items: int
+                        ) -> Callable[[jax.Array], jax.Array]:
+  """int32[B] users -> float32[B, N]: each item's number of training interactions, the same
+  for every user (the popularity baseline; ``ranking`` counts ties against the target)."""
+  seen = [np.asarray(t, np.int64) for t in train if len(t)]
+  counts = np.bincount(np.concatenate(seen), minlength=num_items) if seen else np.zeros(num_items)
+  c = jnp.asarray(counts[:num_items], jnp.float32)
+  return lambda users: jnp.broadcast_to(c, (users.shape[0], num_items))
+
+
 # ---------------------------------------------------------------------------------------
 # Saving and loading.
 # ---------------------------------------------------------------------------------------

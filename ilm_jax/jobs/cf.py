@@ -8,7 +8,9 @@ test (OpenP5 protocol, ``evals.ranking``) -> table on stdout -> ``cf/embeddings.
 Results records: MF is a straightforward recommender (user -> item, no prompt), so its
 records use task ``straightforward``; it has no template, and its numbers are filed under
 ``seen`` (the same numbers would hold for ``unseen``). Validation records are written too
-(split ``valid``), with the settings and training time as extras.
+(split ``valid``), with the settings and training time as extras, and the popularity
+baseline's numbers on the same users as ``popularity_<metric>`` (items ranked by their
+training interactions, the same list for every user minus their history).
 """
 
 from __future__ import annotations
@@ -72,8 +74,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
             "best_iter": res.best_iter, "dim": cfg.dim, "reg": cfg.reg, "alpha": cfg.alpha,
             "seed": cfg.seed, "fold_in": bool(config.eval.fold_in),
             "subsample": users is not None, "command": results.command_line()}
+  # The popularity baseline (train counts), filed beside MF as popularity_<metric>: the
+  # floor any recommender here should clear (SPEC §8 has no method name for it).
+  popularity = {which: ranking.evaluate_scores(
+      mf.popularity_score_fn(split.train, ds.num_items), split, which, ds.num_items,
+      users=users, batch_size=config.eval.batch_size) for which in metrics}
   records = [dict(dataset=ds.name, split=which, task="straightforward", template="seen",
-                  method="mf", **m, **extras) for which, m in metrics.items()]
+                  method="mf", **m, **extras,
+                  **{f"popularity_{k}": v for k, v in popularity[which].items() if k != "users"})
+             for which, m in metrics.items()]
 
   out = pathlib.Path(workdir)
   mf.save_embeddings(
@@ -89,6 +98,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
   results.write_results(out, records)
 
   print(results.format_table(records, extras=["train_s"]), flush=True)
+  pop = popularity["test"]
+  print(f"cf: popularity baseline (train counts), test: HR@5 {pop['hr@5']:.4f} ± "
+        f"{pop['hr@5_se']:.4f}, NDCG@5 {pop['ndcg@5']:.4f}, HR@10 {pop['hr@10']:.4f}, "
+        f"NDCG@10 {pop['ndcg@10']:.4f}", flush=True)
   print(f"cf: wrote {embeddings_path(out)} and {out / results.FILENAME} "
         f"({time.perf_counter() - wall0:.1f}s)", flush=True)
   return records
