@@ -77,7 +77,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(
       itc=1.0, itm=1.0, itg=1.0, label_smoothing=0.1,
       itg_rows=0,  # ITG on the first N rows of a batch only (0 = all; CPU budget knob)
-      pair=1.0))  # weight of the II / UI loss
+      pair=1.0,   # weight of the II / UI loss
+      # logQ correction of the II / UI in-batch softmax: each candidate's logit minus the
+      # log of how often it is drawn (docs/PHASE1.md, "logQ correction")
+      pair_logq=False))
 
   # total_steps counts every update; IT runs half as many (only its item-text steps).
   steps = 600

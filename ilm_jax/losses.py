@@ -81,7 +81,9 @@ def _cross_entropy_diag(logits: jax.Array, fn_mask: jax.Array | None,
 
 
 def symmetric_infonce(logits: jax.Array, fn_mask: jax.Array | None = None,
-                      label_smoothing: float = 0.0, prefix: str = "") -> tuple[jax.Array, Metrics]:
+                      label_smoothing: float = 0.0, prefix: str = "",
+                      log_q: tuple[jax.Array, jax.Array] | None = None
+                      ) -> tuple[jax.Array, Metrics]:
   """``(CE(logits) + CE(logits.T)) / 2`` with diagonal targets.
 
   Args:
@@ -90,13 +92,21 @@ def symmetric_infonce(logits: jax.Array, fn_mask: jax.Array | None = None,
       softmax, and ``fn_mask.T`` out of the transposed direction); None = none.
     label_smoothing: LAVIS BLIP-2 uses 0.1 for ITC; spread over the valid columns.
     prefix: metric-name prefix.
+    log_q: optional (float[B] per row, float[B] per column) log-probability that the
+      row's / column's entity is drawn into a batch; each direction's softmax subtracts its
+      candidates' log q from their logits (the logQ correction of in-batch sampling, Yi et
+      al. 2019), so frequent items are not over-punished for being frequent negatives.
 
   Returns:
     loss, ``{prefix+'acc_a2b', prefix+'acc_b2a'}`` (top-1 accuracy of each direction).
   """
   fn_t = None if fn_mask is None else fn_mask.T
-  l_ab, c_ab = _cross_entropy_diag(logits, fn_mask, label_smoothing)
-  l_ba, c_ba = _cross_entropy_diag(logits.T, fn_t, label_smoothing)
+  logits_ab, logits_ba = logits, logits.T
+  if log_q is not None:
+    logits_ab = logits_ab - log_q[1][None, :]
+    logits_ba = logits_ba - log_q[0][None, :]
+  l_ab, c_ab = _cross_entropy_diag(logits_ab, fn_mask, label_smoothing)
+  l_ba, c_ba = _cross_entropy_diag(logits_ba, fn_t, label_smoothing)
   loss = (l_ab.mean() + l_ba.mean()) / 2
   return loss, {prefix + "acc_a2b": c_ab.mean(), prefix + "acc_b2a": c_ba.mean()}
 
@@ -113,13 +123,16 @@ def itc_loss(sim_i2t: jax.Array, fn_mask: jax.Array | None = None,
 
 
 def pair_loss(sim: jax.Array, fn_mask: jax.Array | None = None, label_smoothing: float = 0.0,
-              name: str = "ii") -> tuple[jax.Array, Metrics]:
+              name: str = "ii", log_q: tuple[jax.Array, jax.Array] | None = None
+              ) -> tuple[jax.Array, Metrics]:
   """Item-item (``name='ii'``) or user-item (``'ui'``) symmetric InfoNCE on ``pair_logits``.
+
+  ``log_q``: optional logQ correction, as ``symmetric_infonce``.
 
   Returns:
     loss, ``{name+'_acc_a2b', name+'_acc_b2a'}``.
   """
-  return symmetric_infonce(sim, fn_mask, label_smoothing, prefix=name + "_")
+  return symmetric_infonce(sim, fn_mask, label_smoothing, prefix=name + "_", log_q=log_q)
 
 
 # ---------------------------------------------------------------- ITM

@@ -123,8 +123,28 @@ def item_text_loss(model: Phase1Model, batch: Mapping[str, jax.Array], rng: jax.
                 "temp": qf.temperature(), **m_itc, **m_itm, **m_itg}
 
 
+PairLogQ = tuple[np.ndarray, np.ndarray]  # log q of each id on the pairs' first, second side
+
+
+def sampling_log_q(pairs: np.ndarray, sizes: tuple[int, int]) -> PairLogQ:
+  """Per side of the training pairs, the log-probability that a batch row holds each id.
+
+  Args:
+    pairs: int[P, 2] the pair stream's rows (item_a, item_b) or (user, item).
+    sizes: number of ids on each side.
+
+  Returns:
+    (float32[sizes[0]], float32[sizes[1]]); an id never on a side gets log(1 / P).
+  """
+  pairs = np.asarray(pairs).reshape(-1, 2)
+  n = max(len(pairs), 1)
+  return tuple(np.log(np.maximum(np.bincount(pairs[:, s], minlength=sizes[s]), 1) / n
+                      ).astype(np.float32) for s in (0, 1))
+
+
 def item_item_loss(model: Phase1Model, batch: Mapping[str, jax.Array], rng: jax.Array, *,
-                   weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   weight: float = 1.0, log_q: PairLogQ | None = None
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """II: items consumed close together score higher than in-batch others.
 
   Args:
@@ -132,18 +152,20 @@ def item_item_loss(model: Phase1Model, batch: Mapping[str, jax.Array], rng: jax.
     batch: item_a int32[B], item_b int32[B].
     rng: unused (the II step is deterministic).
     weight: loss weight.
+    log_q: ``sampling_log_q`` of the training pairs: logQ-corrected softmax; None = plain.
   """
   del rng
   a, b = batch["item_a"], batch["item_b"]
   sim = losses.pair_logits(model.item_feats(a), model.item_feats(b),
                            model.qformer.pair_temperature())
   loss, metrics = losses.pair_loss(sim, masks.false_negative_mask(a, b, shared_id_space=True),
-                                   name="ii")
+                                   name="ii", log_q=_batch_log_q(log_q, a, b))
   return weight * loss, {"loss_ii": loss, **metrics}
 
 
 def user_item_loss(model: Phase1Model, batch: Mapping[str, jax.Array], rng: jax.Array, *,
-                   weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   weight: float = 1.0, log_q: PairLogQ | None = None
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """UI: a user's CF vector (through the same encoder) finds the items it consumed.
 
   Args:
@@ -151,23 +173,37 @@ def user_item_loss(model: Phase1Model, batch: Mapping[str, jax.Array], rng: jax.
     batch: user int32[B], item int32[B].
     rng: unused.
     weight: loss weight.
+    log_q: as ``item_item_loss`` (sides: users, items).
   """
   del rng
   u, i = batch["user"], batch["item"]
   user_feats = model.feats_from_memory(model.user_memory(u))
   sim = losses.pair_logits(user_feats, model.item_feats(i), model.qformer.pair_temperature())
-  loss, metrics = losses.pair_loss(sim, masks.false_negative_mask(u, i), name="ui")
+  loss, metrics = losses.pair_loss(sim, masks.false_negative_mask(u, i), name="ui",
+                                   log_q=_batch_log_q(log_q, u, i))
   return weight * loss, {"loss_ui": loss, **metrics}
 
 
+def _batch_log_q(log_q: PairLogQ | None, rows: jax.Array, cols: jax.Array
+                 ) -> tuple[jax.Array, jax.Array] | None:
+  if log_q is None:
+    return None
+  return jnp.asarray(log_q[0])[rows], jnp.asarray(log_q[1])[cols]
+
+
 def loss_fns(pair_kind: str | None, *, pair_weight: float = 1.0,
-             **item_text_kw: Any) -> dict[str, Any]:
-  """Batch kind -> loss function for a variant (``pair_kind`` None = IT only)."""
+             pair_log_q: PairLogQ | None = None, **item_text_kw: Any) -> dict[str, Any]:
+  """Batch kind -> loss function for a variant (``pair_kind`` None = IT only).
+
+  ``pair_log_q``: the pair loss's logQ correction (``sampling_log_q(...)``); None = off.
+  """
   fns = {"item_text": functools.partial(item_text_loss, **item_text_kw)}
   if pair_kind == "item_item":
-    fns["item_item"] = functools.partial(item_item_loss, weight=pair_weight)
+    fns["item_item"] = functools.partial(item_item_loss, weight=pair_weight,
+                                         log_q=pair_log_q)
   elif pair_kind == "user_item":
-    fns["user_item"] = functools.partial(user_item_loss, weight=pair_weight)
+    fns["user_item"] = functools.partial(user_item_loss, weight=pair_weight,
+                                         log_q=pair_log_q)
   elif pair_kind is not None:
     raise ValueError(f"pair_kind={pair_kind!r}; valid: None, item_item, user_item")
   return fns

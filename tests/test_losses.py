@@ -99,6 +99,27 @@ def test_pair_loss_max_over_query_pairs():
   assert set(m) == {"ii_acc_a2b", "ii_acc_b2a"}
 
 
+def test_pair_loss_logq_correction():
+  """Each direction's candidates lose their own log q: row i -> columns j use
+  logits[i, j] - log_q_cols[j]; column j -> rows i use logits[i, j] - log_q_rows[i]."""
+  rng = np.random.default_rng(2)
+  sim = rng.normal(size=(5, 5)).astype(np.float32) * 3
+  fn = np.zeros((5, 5), bool)
+  fn[0, 3] = fn[3, 0] = True
+  lq_rows = np.log(rng.dirichlet(np.ones(5))).astype(np.float32)
+  lq_cols = np.log(rng.dirichlet(np.ones(5))).astype(np.float32)
+  loss, _ = losses.pair_loss(jnp.asarray(sim), jnp.asarray(fn),
+                             log_q=(jnp.asarray(lq_rows), jnp.asarray(lq_cols)))
+  expected = (_np_infonce_rows(sim - lq_cols[None, :], fn, 0.0)
+              + _np_infonce_rows(sim.T - lq_rows[None, :], fn.T, 0.0)) / 2
+  np.testing.assert_allclose(loss, expected, rtol=RTOL, atol=ATOL)
+  # A constant log q (every entity equally likely) changes nothing.
+  same, _ = losses.pair_loss(jnp.asarray(sim), jnp.asarray(fn),
+                             log_q=(jnp.full(5, -2.0), jnp.full(5, -7.0)))
+  np.testing.assert_allclose(same, losses.pair_loss(jnp.asarray(sim), jnp.asarray(fn))[0],
+                             rtol=1e-6)
+
+
 def test_itm_negatives_never_positive_or_false_negative():
   b = 6
   rng = np.random.default_rng(2)

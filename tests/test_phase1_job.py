@@ -7,6 +7,7 @@ CF embeddings are built once and shared through ``data_dir`` / ``cf_path``.
 from __future__ import annotations
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +114,28 @@ def test_tiny_job_writes_results_and_checkpoint(uninterrupted):
   assert (workdir / "checkpoints").is_dir() and (workdir / "phase1/params").is_dir()
   q = phase1.load_qformer(workdir)
   assert q.cfg.num_query_tokens == 4 and q.cfg.hidden_size == 64
+
+
+def test_sampling_log_q_counts_each_side():
+  pairs = np.array([[0, 2], [0, 3], [1, 3], [0, 3]])
+  lq_a, lq_b = phase1.sampling_log_q(pairs, (3, 4))
+  np.testing.assert_allclose(np.exp(lq_a), [3 / 4, 1 / 4, 1 / 4])  # id 2 never first: 1/P
+  np.testing.assert_allclose(np.exp(lq_b), [1 / 4, 1 / 4, 1 / 4, 3 / 4])
+
+
+def test_pair_logq_config_reaches_the_item_item_loss(shared, uninterrupted, tmp_path):
+  # Warm-up makes step 1's lr 0, so step 2 (the first II step) sees the init in both runs:
+  # its II loss differs only by the correction.
+  c = _config(shared)
+  c.train.update(dict(total_steps=4, checkpoint_every=0, log_every=1))
+  c.loss.pair_logq = True
+  c.eval.untrained = False
+  phase1_job.run(c, str(tmp_path))
+  def ii_loss(workdir):
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return next(r["loss_ii"] for r in rows if r.get("step") == 2 and "loss_ii" in r)
+  plain, corrected = ii_loss(uninterrupted[0]), ii_loss(tmp_path)
+  assert np.isfinite(corrected) and abs(corrected - plain) > 1e-3, (plain, corrected)
 
 
 def test_heldout_items_never_in_item_text_batches(shared, uninterrupted):

@@ -241,6 +241,7 @@ class TrainingData:
   all_text: dict[str, np.ndarray]      # every item's text records (held-out ones included)
   heldout: np.ndarray                  # item ids whose text is never trained on
   data: Any                            # the batch iterator (item-text, alternating pairs)
+  pairs: np.ndarray                    # int[P, 2] the pair stream's rows (empty for IT)
 
 
 def training_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike
@@ -272,7 +273,8 @@ def training_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike
   else:
     data_ds = pipeline.phase1_dataset(sets, text_batch=int(pc.text_batch),
                                       pair_batch=int(pc.pair_batch), seed=int(pc.seed))
-  return TrainingData(ds, split, emb, all_text, heldout, pipeline.to_iterator(data_ds))
+  return TrainingData(ds, split, emb, all_text, heldout, pipeline.to_iterator(data_ds),
+                      np.asarray(sets.pairs) if pair_kind else np.zeros((0, 2), np.int64))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
@@ -299,7 +301,12 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                               user_emb)
 
   lc = config.loss
-  loss_fns = phase1.loss_fns(pair_kind, pair_weight=float(lc.pair), itc_weight=float(lc.itc),
+  log_q = None
+  if pair_kind and lc.get("pair_logq", False):
+    sides = (ds.num_users if pair_kind == "user_item" else ds.num_items, ds.num_items)
+    log_q = phase1.sampling_log_q(d.pairs, sides)
+  loss_fns = phase1.loss_fns(pair_kind, pair_weight=float(lc.pair), pair_log_q=log_q,
+                             itc_weight=float(lc.itc),
                              itm_weight=float(lc.itm), itg_weight=float(lc.itg),
                              label_smoothing=float(lc.label_smoothing),
                              itg_rows=int(lc.itg_rows))
