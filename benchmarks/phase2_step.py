@@ -6,11 +6,12 @@ Builds the ILM on the packaged SmolLM2-135M-Instruct (``--tiny``: the random tes
 with a Q-Former of the default Phase 1 shape (random weights; the query-only pass is
 cheap next to the LLM), random CF tables, and a synthetic batch shaped like the
 ``:generated`` prompts (B x T tokens, 6 item slots of K=4 soft tokens -- fewer where T is
-too short -- and 16 answer tokens per row), retrieval loss over ``--candidates``. Prints compile time, seconds per step, padded
-tokens/s, examples/s, process CPU seconds per step (on a shared, loaded host the wall
-time overstates the cost; CPU seconds / cores is the unloaded estimate), peak RSS. Several
-``--len`` values give one row each (the Phase 2 job's length-grouped batches run at
-multiples of ``config.batching.pad_multiple``; a row per length prices that mix).
+too short -- and 16 answer tokens per row), retrieval loss over ``--candidates``. Prints
+compile time, seconds per step, padded tokens/s, examples/s, process CPU seconds per step
+(on a shared, loaded host the wall time overstates the cost; CPU seconds / cores is the
+unloaded estimate), peak RSS. Several ``--len`` values give one row each (the Phase 2 job's
+length-grouped batches run at multiples of ``config.batching.pad_multiple``; a row per
+length prices that mix). ``--dtype bfloat16`` runs the frozen LLM in bfloat16.
 """
 
 from __future__ import annotations
@@ -82,8 +83,8 @@ def main() -> None:
     per_step = (time.perf_counter() - t0) / a.steps
     cpu_step = (time.process_time() - c0) / a.steps
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"| {'tiny' if a.tiny else 'SmolLM2-135M'} | {a.dtype} | {a.batch} x {t} | {load_s:.1f} | "
-          f"{first_s:.1f} | {per_step:.2f} | {a.batch * t / per_step:.0f} | "
+    print(f"| {'tiny' if a.tiny else 'SmolLM2-135M'} | {a.dtype} | {a.batch} x {t} | "
+          f"{load_s:.1f} | {first_s:.1f} | {per_step:.2f} | {a.batch * t / per_step:.0f} | "
           f"{a.batch / per_step:.2f} | {cpu_step:.2f} | {counts['trainable']:,} | "
           f"{counts['frozen']:,} | {rss_gb:.2f} | {os.getloadavg()[0]:.1f} |", flush=True)
   print(f"loss {float(m['loss']):.3f}; retrieval candidates {a.candidates} "
