@@ -30,7 +30,6 @@ gradient of the first item-text batch, with the training step's own rng
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import pathlib
 import sys
@@ -97,20 +96,12 @@ def _first_item_text_batch(config_arg: str, workdir: str, cf_path: str,
 
   ``overrides`` are ``KEY=VALUE`` strings (``model.cross_init_std=0.088``), as ``--config.KEY``.
   """
-  path, _, arg = config_arg.partition(":")
-  config = config_lib.load_config_file(path, arg)
+  try:
+    config = config_lib.load_config(config_arg, overrides)
+  except config_lib.ConfigError as e:
+    raise SystemExit(f"--set {e}") from None
   with config.unlocked():
     config.cf_path = cf_path or config.cf_path
-  known = set(_flat_keys(config))
-  for item in overrides:
-    key, _, value = item.partition("=")
-    if key not in known:
-      raise SystemExit(f"--set {item}: {config_arg} has no key {key!r}")
-    try:
-      value = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      pass  # a plain string
-    config.update_from_flattened_dict({key: value})
   d = phase1_job.training_data(config, workdir)
   batch = dict(next(d.data))
   while batch.get("kind", "item_text") != "item_text":
@@ -119,14 +110,6 @@ def _first_item_text_batch(config_arg: str, workdir: str, cf_path: str,
   model = phase1.Phase1Model(phase1_job.build_qformer(config.model, d.emb.item_emb.shape[1]),
                              d.emb.item_emb, d.emb.user_emb)
   return config, model, batch
-
-
-def _flat_keys(config, prefix: str = "") -> list[str]:
-  """Dotted paths of every leaf of a ConfigDict."""
-  keys = []
-  for k, v in config.items():
-    keys += _flat_keys(v, f"{prefix}{k}.") if hasattr(v, "items") else [prefix + k]
-  return keys
 
 
 def itc_stages(config_arg: str, workdir: str, cf_path: str,

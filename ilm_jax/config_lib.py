@@ -7,9 +7,11 @@ lists the valid choices when one is wrong.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import pathlib
+from collections.abc import Sequence
 
 import ml_collections
 
@@ -144,3 +146,35 @@ def load_config_file(path: str | os.PathLike, arg: str = "") -> ml_collections.C
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+def load_config(config_arg: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """A config from ``"configs/<job>.py[:ARG]"`` plus ``KEY=VALUE`` overrides (for scripts).
+
+  Values are Python literals where they parse (``0.088``, ``True``, ``'a,b'``), else plain
+  strings, as ``--config.KEY=VALUE`` on the command line.
+
+  Raises:
+    ConfigError: an override names no key of the config.
+  """
+  path, _, arg = config_arg.partition(":")
+  config = load_config_file(path, arg)
+  known = set(_flat_keys(config))
+  for item in overrides:
+    key, _, value = item.partition("=")
+    if key not in known:
+      raise ConfigError(f"{item!r}: {config_arg} has no key {key!r}")
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass  # a plain string
+    config.update_from_flattened_dict({key: value})
+  return config
+
+
+def _flat_keys(config, prefix: str = "") -> list[str]:
+  """Dotted paths of every leaf of a ConfigDict."""
+  keys = []
+  for k, v in config.items():
+    keys += _flat_keys(v, f"{prefix}{k}.") if hasattr(v, "items") else [prefix + k]
+  return keys

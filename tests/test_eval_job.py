@@ -4,6 +4,8 @@ subsample, preservation failure, missing models."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import ml_collections
 import numpy as np
@@ -102,3 +104,21 @@ def test_missing_models(workdir, tmp_path):
   with pytest.raises(FileNotFoundError, match=r"ilm-it-ii.*found: \['mlp'\]"):
     evaluate.run(c, str(workdir))
   assert evaluate.trained_models(tmp_path, []) == {}
+
+
+def test_generation_probe_ranks_among_candidates(workdir, tmp_path):
+  script = resources.REPO_ROOT / "benchmarks" / "generation_probe.py"
+  config = f"{resources.REPO_ROOT / 'configs' / 'eval.py'}:tiny,sequential,seen"
+  out = tmp_path / "probe.json"
+  cmd = [sys.executable, str(script), f"--workdir={workdir}", f"--config={config}",
+         "--set", "max_users=5", "--candidates=4", "--batch=2", f"--out={out}"]
+  text = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True).stdout
+  rows = json.loads(out.read_text())["rows"]
+  assert [(r["method"], r["scorer"]) for r in rows] == [("mlp", "generation"), ("mlp", "retrieval")]
+  for r in rows:
+    assert r["users"] == 5 and r["candidates"] == 4 and r["chance_mean_rank"] == 2.5
+    assert 1 <= r["mean_rank"] <= 4 and r["hr@1"] <= r["hr@5"] == r["hr@10"] == 1.0
+  assert "chance with 4 candidates: HR@1 0.250" in text
+  bad = subprocess.run(cmd[:3] + ["--set", "no_such_key=1"], capture_output=True, text=True,
+                       timeout=600)
+  assert bad.returncode != 0 and "no key 'no_such_key'" in bad.stderr

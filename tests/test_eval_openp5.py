@@ -127,3 +127,56 @@ def test_eval_users_fixed_and_sorted():
   assert len(set(a.tolist())) == 10 and np.all(np.diff(a) > 0)
   np.testing.assert_array_equal(openp5.eval_users(5, 0), np.arange(5))
   np.testing.assert_array_equal(openp5.eval_users(5, 9), np.arange(5))
+
+
+# ---------------------------------------------------------------------------- diagnostics
+
+
+def test_sample_candidates_are_seeded_and_outside_the_history(setup):
+  ds, split, enc, _ = setup
+  prompts = openp5.build_prompts(ds, split, "test", "sequential", "seen", enc)
+  cands = openp5.sample_candidates(prompts, ds.num_items, 4, seed=3)
+  assert cands.shape == (ds.num_users, ds.num_items)
+  assert (cands.sum(axis=1) == 4).all()
+  for i in range(ds.num_users):
+    assert cands[i, prompts.targets[i]]
+    others = set(np.flatnonzero(cands[i]).tolist()) - {int(prompts.targets[i])}
+    assert not others & set(prompts.histories[i].tolist())
+  np.testing.assert_array_equal(cands, openp5.sample_candidates(prompts, ds.num_items, 4, 3))
+  assert (cands != openp5.sample_candidates(prompts, ds.num_items, 4, seed=4)).any()
+  with pytest.raises(ValueError, match="items outside their history"):
+    openp5.sample_candidates(prompts, ds.num_items, ds.num_items, seed=0)
+
+
+def test_rank_candidates_generation_is_the_exact_log_prob_rank(setup):
+  ds, split, enc, model = setup
+  users = openp5.eval_users(ds.num_users, 6, seed=1)
+  prompts = openp5.build_prompts(ds, split, "test", "sequential", "seen", enc, users)
+  cands = openp5.sample_candidates(prompts, ds.num_items, 5, seed=0)
+  trie = openp5.item_trie(ds, enc)
+  ranks = openp5.rank_candidates(model, prompts, cands, scorer="generation", trie=trie,
+                                 batch_size=4)
+  _, item_ids = phase2.item_strings(ds, enc.tokenizer)
+  for i in range(len(users)):
+    ref = _brute_force_scores(model, prompts, i, item_ids, enc.end_id)
+    others = np.flatnonzero(cands[i] & (np.arange(ds.num_items) != prompts.targets[i]))
+    t, o = ref[prompts.targets[i]], ref[others]
+    # The beam's summed log-probs round differently from one teacher-forced pass: a
+    # candidate within 1e-3 of the target may fall on either side.
+    assert 1 + (o > t + 1e-3).sum() <= ranks[i] <= 1 + (o >= t - 1e-3).sum()
+  assert ranks.min() >= 1 and ranks.max() <= 5
+  with pytest.raises(ValueError, match="needs the item trie"):
+    openp5.rank_candidates(model, prompts, cands, scorer="generation")
+
+
+def test_rank_candidates_retrieval_counts_only_candidates(setup):
+  ds, split, enc, model = setup
+  n = ds.num_items
+  stub = StubILM(model.llm, n, ds.num_users, K, fixed_scores=-np.arange(n, dtype=np.float32))
+  users = openp5.eval_users(ds.num_users, 7, seed=2)
+  prompts = openp5.build_prompts(ds, split, "test", "straightforward", "seen", enc, users)
+  cands = openp5.sample_candidates(prompts, n, 3, seed=5)
+  ranks = openp5.rank_candidates(stub, prompts, cands, scorer="retrieval", batch_size=4)
+  # Item j scores -j: the rank is 1 + the candidates with a lower index than the target.
+  want = [1 + int((np.flatnonzero(cands[i]) < prompts.targets[i]).sum()) for i in range(7)]
+  np.testing.assert_array_equal(ranks, want)

@@ -14,7 +14,10 @@ task, soft tokens spliced into the LLM's input embeddings):
   ranking with the history excluded (``ranking.rank_users``).
 
 Both return per-user ranks; ``ranking.summarize`` turns them into HR/NDCG@5/10 with
-standard errors. ``evaluate`` runs one (task, template, scorer) and returns a results
+standard errors. A diagnostic beside them (``benchmarks/generation_probe.py``, never a
+reported metric): ``rank_candidates`` ranks each target among a few sampled candidates
+(``sample_candidates``) by its exact generation log-prob or the retrieval head, which
+shows whether generation learns before it reaches beam 10's top 10. ``evaluate`` runs one (task, template, scorer) and returns a results
 record (SPEC §8) with timing extras.
 
 The model is anything with the Phase 2 ILM interface (``ilm_jax.models.ilm.ILM``):
@@ -286,6 +289,107 @@ def rank_retrieval(model: nnx.Module, prompts: Prompts, num_items: int, *,
 
   return ranking.rank_users(score_fn, all_hist, targets, num_items, users=prompts.users,
                             batch_size=max(1, min(batch_size, n)))
+
+
+# ============================================================================ diagnostics
+
+
+def sample_candidates(prompts: Prompts, num_items: int, num_candidates: int,
+                      seed: int = 0) -> np.ndarray:
+  """bool[U, N]: each prompt's target plus ``num_candidates - 1`` random other items.
+
+  For ``rank_candidates``, a diagnostic: the OpenP5 protocol ranks every item. The others
+  are drawn uniformly, without replacement, from the items outside the user's history
+  (and other than the target), with ``default_rng([seed, user])``: every model and scorer
+  sees the same sets.
+
+  Raises:
+    ValueError: a user has fewer than ``num_candidates - 1`` such items.
+  """
+  out = np.zeros((len(prompts.users), num_items), bool)
+  rows = zip(prompts.users, prompts.targets, prompts.histories, strict=True)
+  for i, (u, t, h) in enumerate(rows):
+    pool = np.setdiff1d(np.arange(num_items), np.append(np.asarray(h, np.int64), t))
+    if len(pool) < num_candidates - 1:
+      raise ValueError(f"user {u} has {len(pool)} items outside their history and target; "
+                       f"{num_candidates} candidates need {num_candidates - 1}")
+    out[i, np.random.default_rng([seed, int(u)]).choice(pool, num_candidates - 1, False)] = True
+    out[i, t] = True
+  return out
+
+
+def rank_candidates(model: nnx.Module, prompts: Prompts, candidates: np.ndarray, *,
+                    scorer: str, trie: generation.ItemTrie | None = None,
+                    item_keys: jax.Array | None = None, batch_size: int = 4,
+                    progress: Progress | None = None) -> np.ndarray:
+  """1-based rank of each target among its candidates (``sample_candidates``): a diagnostic.
+
+  Beam-10 HR over every item stays at 0 until a target's id enters the top 10 beams, so it
+  cannot show a model that is learning but not there yet. Here:
+
+  * 'generation': the exact log-prob of each candidate's target string + end id. One
+    trie-constrained beam search per row, restricted to the C candidates with a beam of C,
+    keeps every prefix (no pruning), so it returns all C scored.
+  * 'retrieval': the retrieval head's scores.
+
+  Ties count against the target (``ranking.ranks_from_scores``); a target in the history is
+  ``ranking.NOT_RANKED``, as in the protocol. Chance: HR@k = k / C, mean rank (C + 1) / 2.
+
+  Args:
+    model: the Phase 2 model.
+    prompts: from ``build_prompts``.
+    candidates: bool[U, N] from ``sample_candidates``.
+    scorer: 'generation' or 'retrieval'.
+    trie: ``item_trie(ds, encoder)`` (generation).
+    item_keys: ``retrieval_item_keys(model)`` (retrieval; computed if None).
+    batch_size: users per call (generation keeps C beams per user: memory grows with
+      batch_size x C x the prompt's KV cache).
+    progress: optional progress printer.
+
+  Returns:
+    int32[U] ranks.
+
+  Raises:
+    ValueError: unknown scorer, a generation call without a trie, or NaN scores.
+    RuntimeError: the beam search missed a candidate (it must not).
+  """
+  if scorer not in SCORERS:
+    raise ValueError(f"scorer={scorer!r}; valid: {', '.join(SCORERS)}")
+  if scorer == "generation" and trie is None:
+    raise ValueError("rank_candidates(scorer='generation') needs the item trie")
+  n, num_items = candidates.shape
+  exclude_all = ~candidates | ranking.history_mask(prompts.histories, num_items)
+  counts = candidates.sum(axis=1)
+  split_model = nnx.split(model)
+  if scorer == "retrieval" and item_keys is None:
+    item_keys = retrieval_item_keys(model)
+  out = np.zeros(n, np.int32)
+  for rows, m in _batches(n, max(1, min(batch_size, n))):
+    if scorer == "generation":
+      emb, mask = prompt_embeds(model, prompts.arrays, rows, split_model)
+      res = generation.constrained_beam_search(
+          model.llm, trie, input_embeds=emb, mask=mask, allowed=jnp.asarray(candidates[rows]),
+          beam_size=int(counts.max()), pad_id=_pad_id(model))
+      items, beam_scores = np.asarray(res.items), np.asarray(res.scores)
+      scores = np.full((len(rows), num_items), -np.inf, np.float32)
+      for j in range(m):
+        got = items[j][items[j] >= 0]
+        if len(got) != counts[rows[j]]:
+          raise RuntimeError(f"beam search scored {len(got)} of {counts[rows[j]]} candidates "
+                             f"of prompt {rows[j]}")
+        scores[j, got] = beam_scores[j][items[j] >= 0]
+    else:
+      x = _inputs(prompts.arrays, rows)
+      scores = _retrieval(*split_model, x["input_ids"], x["attn_mask"], x["slot_ids"],
+                          x["slot_kind"], x["slot_pos"], item_keys)
+    ranks, finite = ranking.ranks_from_scores(
+        jnp.asarray(scores), jnp.asarray(prompts.targets[rows]), jnp.asarray(exclude_all[rows]))
+    if not np.asarray(finite)[:m].all():
+      raise ValueError(f"NaN {scorer} scores in prompts {rows[:m].tolist()}")
+    out[rows[:m]] = np.asarray(ranks)[:m]
+    if progress is not None:
+      progress.update(m)
+  return out
 
 
 # ============================================================================ records

@@ -35,7 +35,9 @@ class PreservationError(AssertionError):
   """A Phase 2 model changed the base LLM's logits on a text-only prompt."""
 
 
-def _csv(value: str, valid: tuple[str, ...], key: str) -> list[str]:
+def csv_choices(value: str, valid: tuple[str, ...], key: str) -> list[str]:
+  """The comma-separated choices in ``value``; ValueError naming ``config.<key>`` and the
+  valid ones when one is unknown."""
   out = [v.strip() for v in str(value).split(",") if v.strip()]
   bad = [v for v in out if v not in valid]
   if bad:
@@ -69,7 +71,7 @@ def _summary(folder: pathlib.Path) -> dict[str, Any]:
   return json.loads(path.read_text()) if path.exists() else {}
 
 
-class _Llms:
+class Llms:
   """One frozen LLM (and tokenizer) per distinct ``ilm.json`` LLM section."""
 
   def __init__(self):
@@ -83,20 +85,40 @@ class _Llms:
     return self._cache[key]
 
 
+def eval_data(config: ml_collections.ConfigDict, workdir: str
+              ) -> tuple[types.RecDataset, types.Split]:
+  """The prepared dataset of ``config.data`` (item tokens ensured) and its leave-one-out split."""
+  ds = sources.ensure_tokens(
+      prepare.prepared_dataset(config.data, workdir, prepare.data_dir(config, workdir)))
+  return ds, types.leave_one_out(ds)
+
+
+def load_model(folder: pathlib.Path, ds: types.RecDataset, llms: Llms,
+               prompts_config: ml_collections.ConfigDict
+               ) -> tuple[ilm_lib.ILM, data_phase2.PromptEncoder]:
+  """A trained Phase 2 model (its frozen LLM from ``llms``) and the PromptEncoder its
+  prompts need (K from the model; user slots, T and S from ``prompts_config``)."""
+  llm_model, tok = llms.get(folder)
+  model = ilm_lib.load_trained(folder, None, ds, llm_model)
+  pc = prompts_config
+  encoder = data_phase2.PromptEncoder(
+      tok, ds, soft_tokens=model.num_soft_tokens, user_soft_tokens=bool(pc.user_soft_tokens),
+      max_len=int(pc.max_len), max_slots=int(pc.max_slots))
+  return model, encoder
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
   """Evaluates every requested trained model; returns the records written."""
   wall0 = time.perf_counter()
-  tasks = _csv(config.tasks, P.OPENP5_TASKS, "tasks")
-  templates = _csv(config.templates, ("seen", "unseen"), "templates")
-  scorers = _csv(config.scorers, openp5.SCORERS, "scorers")
-  lang_tasks = _csv(config.language.tasks, language.TASKS, "language.tasks")
+  tasks = csv_choices(config.tasks, P.OPENP5_TASKS, "tasks")
+  templates = csv_choices(config.templates, ("seen", "unseen"), "templates")
+  scorers = csv_choices(config.scorers, openp5.SCORERS, "scorers")
+  lang_tasks = csv_choices(config.language.tasks, language.TASKS, "language.tasks")
   which = config.split
   if which not in results.SPLITS:
     raise ValueError(f"config.split={which!r}; valid: {', '.join(results.SPLITS)}")
-  ds = sources.ensure_tokens(
-      prepare.prepared_dataset(config.data, workdir, prepare.data_dir(config, workdir)))
-  split = types.leave_one_out(ds)
-  models = trained_models(workdir, _csv(config.methods, results.METHODS, "methods"))
+  ds, split = eval_data(config, workdir)
+  models = trained_models(workdir, csv_choices(config.methods, results.METHODS, "methods"))
   if not models:
     print(f"eval: no trained Phase 2 model under {pathlib.Path(workdir) / 'phase2'}; "
           "nothing to evaluate (run the phase2 job first)", flush=True)
@@ -107,7 +129,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
         f"{', '.join(models)}", flush=True)
   pc = config.prompts
   cmd = results.command_line()
-  llms = _Llms()
+  llms = Llms()
   tries: dict[tuple, Any] = {}
   written: list[dict[str, Any]] = []
   failures: list[str] = []
@@ -121,16 +143,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     written.append(rec)
 
   for method, folder in models.items():
-    llm_model, tok = llms.get(folder)
     t_load = time.perf_counter()
-    model = ilm_lib.load_trained(folder, None, ds, llm_model)
+    model, encoder = load_model(folder, ds, llms, pc)
+    tok = encoder.tokenizer
     summ = _summary(folder)
     extras = dict(steps=summ.get("steps"), train_s=summ.get("train_s"), seed=int(config.seed),
                   command=cmd, model_dir=str(folder))
     extras = {k: v for k, v in extras.items() if v is not None}
-    encoder = data_phase2.PromptEncoder(
-        tok, ds, soft_tokens=model.num_soft_tokens, user_soft_tokens=bool(pc.user_soft_tokens),
-        max_len=int(pc.max_len), max_slots=int(pc.max_slots))
     log(f"eval: {method} from {folder} (K={model.num_soft_tokens}, "
         f"{summ.get('steps', '?')} steps; loaded in {time.perf_counter() - t_load:.1f}s)")
 
