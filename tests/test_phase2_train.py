@@ -178,3 +178,45 @@ def test_bad_batching_values_are_config_errors(key, value):
   c.batching[key] = value
   with pytest.raises(config_lib.ConfigError, match=f"config.batching.{key}="):
     config_lib.validate(c)
+
+
+def test_memorise_benchmark_measures_training_prompts(shared, tmp_path):
+  """benchmarks/phase2_memorise.py: its prompts are the training examples minus the answers,
+  and it trains and measures before and after."""
+  import sys  # noqa: PLC0415
+
+  sys.path.insert(0, str(resources.REPO_ROOT / "benchmarks"))
+  import phase2_memorise  # noqa: PLC0415
+
+  overrides = [f"data_dir={shared / 'data'}", f"cf_path={shared / 'cf' / 'embeddings.npz'}",
+               f"phase1_dir={shared / 'p1'}", "prompts.max_len=112", "prompts.max_slots=5",
+               "prompts.max_history=2", "train.log_every=1", "train.optimizer.warmup_steps=1"]
+  config = config_lib.load_config(f"{resources.REPO_ROOT / 'configs' / 'phase2.py'}:ilm,tiny",
+                                  overrides)
+  ds = sources.ensure_tokens(prepare.prepared_dataset(config.data, shared, shared / "data"))
+  split = types.leave_one_out(ds)
+  llm_model, tok = ilm_lib.load_llm(config.llm)
+  model = ilm_lib.build_ilm(config, shared, ds, llm_model)
+  encoder = phase2_job.prompt_encoder(config, tok, ds, model)
+  ex, prompts = phase2_memorise.training_prompts(config, ds, split, encoder, 5)
+  assert len(ex["input_ids"]) == 5
+  np.testing.assert_array_equal(prompts.targets, ex["target_item"])
+  for r in range(5):
+    n = int(prompts.arrays["prompt_len"][r])
+    # The prompt is the training row up to its answer; the answer starts right after it.
+    np.testing.assert_array_equal(prompts.arrays["input_ids"][r, :n], ex["input_ids"][r, :n])
+    assert ex["loss_mask"][r, n] and not ex["loss_mask"][r, :n].any()
+    assert prompts.arrays["attn_mask"][r].sum() == n
+    assert prompts.targets[r] not in prompts.histories[r]
+
+  r = phase2_memorise.memorise(f"{resources.REPO_ROOT / 'configs' / 'phase2.py'}:ilm,tiny",
+                               str(tmp_path), overrides, examples=8, steps=3, candidates=3,
+                               batch_size=2, log=lambda s: None)
+  assert [row["step"] for row in r["rows"]] == [0, 3] and r["steps"] == 3
+  for row in r["rows"]:
+    for scorer in ("generation", "retrieval"):
+      assert 1 <= row[f"{scorer}_mean_rank"] <= 3
+      assert 0 <= row[f"{scorer}_hr@1"] <= row[f"{scorer}_hr@10"] == 1.0
+    assert 0 <= row["beam10_hr@1"] <= row["beam10_hr@10"] <= 1
+  assert r["train"]["loss_lm"] > 0 and 0 <= r["train"]["acc"] <= 1
+  assert "step" in phase2_memorise.format_result(r)

@@ -53,6 +53,20 @@ def prompt_encoder(config: ml_collections.ConfigDict, tokenizer, ds: types.RecDa
       max_slots=int(pc.max_slots))
 
 
+def training_loss(config: ml_collections.ConfigDict, examples: Mapping[str, np.ndarray]
+                  ) -> functools.partial:
+  """``phase2.phase2_loss`` with the config's retrieval and LM-loss settings; answer
+  positions per row = ``config.loss.max_answer_tokens`` (-1: the longest in ``examples``)."""
+  max_answer = int(config.loss.max_answer_tokens)
+  if max_answer < 0:
+    max_answer = phase2.max_answer_tokens(examples)
+  return functools.partial(
+      phase2.phase2_loss, retrieval_weight=float(config.retrieval.weight),
+      candidates=str(config.retrieval.candidates),
+      num_negatives=int(config.retrieval.num_negatives), max_answer_tokens=max_answer,
+      label_smoothing=float(config.loss.label_smoothing))
+
+
 def run(config: ml_collections.ConfigDict, workdir: str,
         on_step: Callable[[int, Mapping[str, Any]], None] | None = None) -> dict[str, Any]:
   """Trains and saves one Phase 2 model; returns the summary written.
@@ -75,9 +89,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   encoder = prompt_encoder(config, tokenizer, ds, model)
   examples, dropped = examples_for(config, ds, split, encoder)
   n = len(examples["input_ids"])
-  max_answer = int(config.loss.max_answer_tokens)
-  if max_answer < 0:
-    max_answer = phase2.max_answer_tokens(examples)
+  loss_fn = training_loss(config, examples)
+  max_answer = loss_fn.keywords["max_answer_tokens"]
   bc = config.batching
   batching = (f"batches cut to multiples of {bc.pad_multiple}" if bc.pad_multiple
               else "batches padded to T")
@@ -99,11 +112,6 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     if on_step is not None:
       on_step(step, batch)
 
-  loss_fn = functools.partial(
-      phase2.phase2_loss, retrieval_weight=float(config.retrieval.weight),
-      candidates=str(config.retrieval.candidates),
-      num_negatives=int(config.retrieval.num_negatives), max_answer_tokens=max_answer,
-      label_smoothing=float(config.loss.label_smoothing))
   evaluator = None
   if int(config.eval.max_users) > 0:
     evaluator = phase2.RetrievalValidation(
