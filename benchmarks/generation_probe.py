@@ -10,9 +10,9 @@ the history, ``evals.openp5.sample_candidates``) by
               is pruned; ``evals.openp5.rank_candidates``)
   retrieval   the retrieval head's scores
 
-and prints HR@1/5/10 and the mean rank beside chance (k / C and (C + 1) / 2), plus the
-target's mean log-prob under generation. A diagnostic: sampled-candidate numbers are not
-comparable with the full-ranking ones in docs/RESULTS.md.
+and prints HR@1/5/10 and the mean rank beside chance (k / C and (C + 1) / 2). A
+diagnostic: sampled-candidate numbers are not comparable with the full-ranking ones in
+docs/RESULTS.md.
 
   python benchmarks/generation_probe.py --workdir=W \
       [--config=configs/eval.py:generated,sequential,seen] [--set max_users=200 ...] \
@@ -54,6 +54,8 @@ def probe(config_arg: str, workdir: str, overrides=(), candidates: int = 100,
   templates = choice(config.templates, ("seen", "unseen"), "templates")
   scorers = choice(config.scorers, openp5.SCORERS, "scorers")
   models = evaluate.trained_models(workdir, choice(config.methods, results.METHODS, "methods"))
+  if not models:
+    raise FileNotFoundError(f"no trained Phase 2 model under {workdir}/phase2")
   users = openp5.eval_users(ds.num_users, int(config.max_users), int(config.seed))
   llms = evaluate.Llms()
   rows = []
@@ -103,7 +105,8 @@ def format_rows(rows: list[dict]) -> str:
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True, help="folder with phase2/<method> models")
-  parser.add_argument("--config", default="configs/eval.py:generated,sequential,seen")
+  parser.add_argument("--config",
+                      default=f"{REPO / 'configs' / 'eval.py'}:generated,sequential,seen")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="eval config override, e.g. max_users=200 (repeatable)")
   parser.add_argument("--candidates", type=int, default=100, help="C, the target included")

@@ -12,8 +12,8 @@ recommends.
 
   python benchmarks/phase2_memorise.py --workdir=/tmp/mem \
       --config=configs/phase2.py:ilm --set phase1_dir=R --set cf_path=R/cf/embeddings.npz \
-      --set data_dir=R/data/generated [--examples=64] [--steps=200] [--set train.optimizer.lr=3e-4] \
-      [--set retrieval.weight=0] [--candidates=100] [--out=FILE]
+      --set data_dir=R/data/generated [--examples=64] [--steps=200] \
+      [--set train.optimizer.lr=3e-4] [--set retrieval.weight=0] [--candidates=100] [--out=FILE]
 
 Prints a table (step 0 and the last step) and the training metrics averaged over the last 20
 steps (LM loss per answer token, answer-token accuracy, retrieval accuracy). Training writes
@@ -158,7 +158,7 @@ def format_result(r: dict) -> str:
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True, help="training output (use a fresh folder)")
-  parser.add_argument("--config", default="configs/phase2.py:ilm")
+  parser.add_argument("--config", default=f"{REPO / 'configs' / 'phase2.py'}:ilm")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="phase2 config override, e.g. phase1_dir=R (repeatable)")
   parser.add_argument("--examples", type=int, default=64)

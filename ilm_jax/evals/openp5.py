@@ -14,11 +14,13 @@ task, soft tokens spliced into the LLM's input embeddings):
   ranking with the history excluded (``ranking.rank_users``).
 
 Both return per-user ranks; ``ranking.summarize`` turns them into HR/NDCG@5/10 with
-standard errors. A diagnostic beside them (``benchmarks/generation_probe.py``, never a
-reported metric): ``rank_candidates`` ranks each target among a few sampled candidates
-(``sample_candidates``) by its exact generation log-prob or the retrieval head, which
-shows whether generation learns before it reaches beam 10's top 10. ``evaluate`` runs one (task, template, scorer) and returns a results
+standard errors. ``evaluate`` runs one (task, template, scorer) and returns a results
 record (SPEC §8) with timing extras.
+
+A diagnostic beside them, never a reported metric (``benchmarks/generation_probe.py``):
+``rank_candidates`` ranks each target among a few sampled candidates
+(``sample_candidates``) by its exact generation log-prob or by the retrieval head. It shows
+whether generation is learning before the target reaches beam 10's top 10.
 
 The model is anything with the Phase 2 ILM interface (``ilm_jax.models.ilm.ILM``):
 ``llm`` (an ``llm.Llm``), ``prompt_embeds(input_ids, slot_ids, slot_kind, slot_pos)`` ->
