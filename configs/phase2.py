@@ -104,8 +104,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Retrieval head loss: 'full' = softmax over every item (the item encoder runs on the
   # whole catalogue each step); 'batch' = the batch's targets + num_negatives sampled items.
   # weight: at 1 the retrieval loss keeps generation from learning item ids, even on 64
-  # memorised examples, and at 0 generation learns them (benchmarks/phase2_memorise.py,
-  # docs/RESULTS.md). Train generation-only models with weight=0 when beam search matters.
+  # memorised examples; at 0.1 the head still memorises them and generation learns part; at
+  # 0 generation learns most (benchmarks/phase2_memorise.py, docs/RESULTS.md). Lower it
+  # when beam search matters.
   c.retrieval = ml_collections.ConfigDict(dict(
       dim=256, weight=1.0, candidates="batch", num_negatives=120))
 
