@@ -82,17 +82,24 @@ def training_prompts(config, ds, split, encoder, n: int
 
 
 def measure(model, prompts: openp5.Prompts, cands: np.ndarray, trie, batch_size: int) -> dict:
-  """HR@k and mean rank among the candidates (generation, retrieval) + beam-10 HR@k."""
-  out = {}
+  """HR@k and mean rank among the candidates (generation, retrieval) + beam-10 HR@k.
+
+  Every number is over the same rows: those whose target is not in the prompt's history
+  (the others are NOT_RANKED by every scorer); ``rows`` says how many.
+  """
+  # The target is NOT_RANKED exactly when it is in the history, whichever the scorer.
+  rankable = np.array([t not in h for t, h in zip(prompts.targets, prompts.histories,
+                                                   strict=True)])
+  out = dict(rows=int(rankable.sum()))
   keys = openp5.retrieval_item_keys(model)
   for scorer in openp5.SCORERS:
     ranks = openp5.rank_candidates(model, prompts, cands, scorer=scorer, trie=trie,
-                                   item_keys=keys, batch_size=batch_size)
-    ranked = ranks[ranks >= 1]  # NOT_RANKED (0): the target is in the prompt's history
-    out[f"{scorer}_mean_rank"] = float(ranked.mean())
+                                   item_keys=keys, batch_size=batch_size)[rankable]
+    out[f"{scorer}_mean_rank"] = float(ranks.mean())
     for k in KS:
-      out[f"{scorer}_hr@{k}"] = float((ranked <= k).mean())
+      out[f"{scorer}_hr@{k}"] = float((ranks <= k).mean())
   ranks, _ = openp5.rank_generation(model, prompts, trie, batch_size=batch_size)
+  ranks = ranks[rankable]
   for k in KS:
     out[f"beam10_hr@{k}"] = float(((ranks >= 1) & (ranks <= k)).mean())
   return out
@@ -147,7 +154,8 @@ def format_result(r: dict) -> str:
         f"{row['retrieval_hr@10']:.3f} {row['retrieval_mean_rank']:6.1f} | "
         f"{row['beam10_hr@1']:.3f} {row['beam10_hr@10']:.3f}")
   lines.append(f"chance among {c}: HR@1 {1 / c:.3f}, HR@10 {min(1.0, 10 / c):.3f}, mean rank "
-               f"{(c + 1) / 2:.1f}")
+               f"{(c + 1) / 2:.1f}; over the {r['rows'][-1]['rows']} rows whose target is not "
+               "in the prompt's history")
   t = r["train"]
   lines.append(f"{r['examples']} examples, {r['steps']} steps ({r['train_s']:.0f}s), lr "
                f"{r['lr']:g}, retrieval weight {r['retrieval_weight']:g}; last 20 steps: " +

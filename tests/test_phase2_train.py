@@ -218,5 +218,6 @@ def test_memorise_benchmark_measures_training_prompts(shared, tmp_path):
       assert 1 <= row[f"{scorer}_mean_rank"] <= 3
       assert 0 <= row[f"{scorer}_hr@1"] <= row[f"{scorer}_hr@10"] == 1.0
     assert 0 <= row["beam10_hr@1"] <= row["beam10_hr@10"] <= 1
+    assert 1 <= row["rows"] <= 8
   assert r["train"]["loss_lm"] > 0 and 0 <= r["train"]["acc"] <= 1
   assert "step" in phase2_memorise.format_result(r)
