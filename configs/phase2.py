@@ -106,9 +106,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # weight: at 1 the retrieval loss keeps generation from learning item ids, even on 64
   # memorised examples; at 0.1 the head still memorises them and generation learns part; at
   # 0 generation learns most (benchmarks/phase2_memorise.py, docs/RESULTS.md). Lower it
-  # when beam search matters.
+  # when beam search matters. detach: the retrieval loss trains only the head, so the
+  # soft tokens are shaped by the LM loss alone (generation trains as at weight 0).
   c.retrieval = ml_collections.ConfigDict(dict(
-      dim=256, weight=1.0, candidates="batch", num_negatives=120))
+      dim=256, weight=1.0, candidates="batch", num_negatives=120, detach=False))
 
   generated = dataset == "generated"
   c.prompts = ml_collections.ConfigDict(dict(

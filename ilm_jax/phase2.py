@@ -64,7 +64,7 @@ def last_prompt_positions(loss_mask: jax.Array) -> jax.Array:
 def phase2_loss(model: ilm_lib.ILM, batch: Mapping[str, jax.Array], rng: jax.Array, *,
                 retrieval_weight: float = 1.0, candidates: str = "full",
                 num_negatives: int = 0, max_answer_tokens: int = 0,
-                label_smoothing: float = 0.0
+                label_smoothing: float = 0.0, retrieval_detach: bool = False
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Answer-token LM loss + retrieval-head CE (module docstring).
 
@@ -79,6 +79,10 @@ def phase2_loss(model: ilm_lib.ILM, batch: Mapping[str, jax.Array], rng: jax.Arr
     max_answer_tokens: A answer positions per row get logits; 0 = all T - 1. Rows with
       more answer tokens lose the rest (counted in ``answer_tokens_cut``).
     label_smoothing: of the LM loss.
+    retrieval_detach: the retrieval loss trains only the head (its projections and
+      temperature, text-only's item table): none of its gradient reaches the item encoder,
+      through the item keys or through the LLM's hidden state, so the soft tokens are shaped
+      by the LM loss alone.
 
   Returns:
     (loss, metrics {'loss_lm', 'loss_retrieval', 'acc', 'tokens', 'retrieval_acc',
@@ -108,9 +112,12 @@ def phase2_loss(model: ilm_lib.ILM, batch: Mapping[str, jax.Array], rng: jax.Arr
   # ---- retrieval head on recommendation rows ----
   rec = jnp.isin(batch["task"], jnp.asarray(REC_TASKS)) & (batch["target_item"] >= 0)
   h_last = ilm_lib.last_prompt_hidden(hidden, last_prompt_positions(loss_mask))
+  if retrieval_detach:
+    h_last = jax.lax.stop_gradient(h_last)
   target = jnp.maximum(batch["target_item"], 0)
   if candidates == "full":
-    scores = model.retrieval_scores(h_last)                          # [B, N]
+    keys = model.retrieval_item_keys(detach=retrieval_detach)        # [N, R]
+    scores = model.retrieval_scores(h_last, item_keys=keys)           # [B, N]
     labels = target
   else:
     b = target.shape[0]
@@ -120,7 +127,7 @@ def phase2_loss(model: ilm_lib.ILM, batch: Mapping[str, jax.Array], rng: jax.Arr
       extra = jax.random.randint(rng, (num_negatives,), 0, model.num_items, jnp.int32)
       cands = jnp.concatenate([target, extra])
       cand_ok = jnp.concatenate([rec, jnp.ones((num_negatives,), bool)])
-    keys = model.retrieval_item_keys(items=cands)                    # [C, R]
+    keys = model.retrieval_item_keys(items=cands, detach=retrieval_detach)  # [C, R]
     scores = model.retrieval_scores(h_last, item_keys=keys)           # [B, C]
     labels = jnp.arange(b)
     # Columns other than my own that hold my target (repeats, sampled negatives), and

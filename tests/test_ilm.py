@@ -187,6 +187,35 @@ def test_gradients_reach_the_qformer_through_the_frozen_llm(models):
   assert not any(k.startswith("llm/") for k in flat)
 
 
+@pytest.mark.parametrize("candidates", ["full", "batch"])
+def test_detached_retrieval_loss_trains_only_the_head(models, candidates):
+  """retrieval_detach: the item encoder's gradient is the LM loss's alone (as at weight
+  0), the head's is the retrieval loss's; without it the retrieval loss moves the encoder."""
+  model = models["qformer"]
+  gd, trainable, frozen = partition.split_trainable(model, FROZEN)
+  b = _batch()
+
+  def grads(**kw):
+    def loss(t):
+      m = nnx.merge(gd, t, frozen, copy=True)
+      return phase2.phase2_loss(m, b, None, candidates=candidates, max_answer_tokens=8,
+                                **kw)[0]
+    g = jax.jit(jax.grad(loss))(trainable)
+    return {partition.path_str(p): np.asarray(v) for p, v in nnx.to_flat_state(g)}
+
+  lm, joint, detached = grads(retrieval_weight=0.0), grads(), grads(retrieval_detach=True)
+  encoder = [k for k in lm if k.startswith("encoder/")]
+  head = [k for k in lm if k.startswith("retrieval/")]
+  assert encoder and head
+  for k in encoder:
+    np.testing.assert_allclose(detached[k], lm[k], rtol=1e-5, atol=1e-7, err_msg=k)
+  assert any(not np.allclose(joint[k], lm[k], rtol=1e-3, atol=1e-6) for k in encoder)
+  for k in head:
+    assert not lm[k].any(), k
+    np.testing.assert_allclose(detached[k], joint[k], rtol=1e-5, atol=1e-7, err_msg=k)
+  assert all(np.abs(detached[k]).max() > 0 for k in head)
+
+
 _jloss = nnx.jit(phase2.phase2_loss,
                  static_argnames=("retrieval_weight", "candidates", "num_negatives",
                                   "max_answer_tokens"))

@@ -64,7 +64,8 @@ def training_loss(config: ml_collections.ConfigDict, examples: Mapping[str, np.n
       phase2.phase2_loss, retrieval_weight=float(config.retrieval.weight),
       candidates=str(config.retrieval.candidates),
       num_negatives=int(config.retrieval.num_negatives), max_answer_tokens=max_answer,
-      label_smoothing=float(config.loss.label_smoothing))
+      label_smoothing=float(config.loss.label_smoothing),
+      retrieval_detach=bool(config.retrieval.detach))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,

@@ -205,12 +205,14 @@ class ILM(nnx.Module):
     return self.encoder(self.cf_items[...])
 
   def retrieval_item_keys(self, item_tokens: jax.Array | None = None,
-                          items: jax.Array | None = None) -> jax.Array:
+                          items: jax.Array | None = None, detach: bool = False) -> jax.Array:
     """float32[N, R] (or [B, R] for ``items``) L2-normalised item keys of the retrieval head.
 
     Args:
       item_tokens: a cached ``item_token_table()`` (serving); None = computed here.
       items: int32[B] only these items' keys (in-batch softmax); None = all items.
+      detach: no gradient flows from the keys into the item encoder (the head's own
+        parameters still get theirs).
     """
     head = self.retrieval
     if head.item_table is not None:
@@ -221,6 +223,8 @@ class ILM(nnx.Module):
     else:
       table = self.item_token_table() if item_tokens is None else item_tokens
       reps = table.mean(axis=1)
+    if detach and head.item_table is None:
+      reps = jax.lax.stop_gradient(reps)
     return _normalize(head.item_proj(reps))
 
   def retrieval_scores(self, hidden_last: jax.Array, item_keys: jax.Array | None = None
