@@ -138,7 +138,7 @@ def itc_stages(config_arg: str, workdir: str, cf_path: str,
   def head(item_feats, text_feats, temp, d_simq, d_sim, items):
     """ITC loss from the features, with zero probes on the per-query and max similarities."""
     simq = losses.itc_sim_per_query(item_feats, text_feats) + d_simq
-    sim = simq.max(axis=-1) / temp + d_sim
+    sim = losses.max_over(simq) / temp + d_sim
     return losses.itc_loss(sim, masks.false_negative_mask(items, items), smoothing)[0]
 
   fused = pure(lambda m, b: phase1.item_text_loss(

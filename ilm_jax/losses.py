@@ -27,6 +27,29 @@ _NEG = -1e30  # finite "minus infinity": keeps log-softmax and its gradient NaN-
 
 # ---------------------------------------------------------------- similarities
 
+def max_over(x: jax.Array, num_axes: int = 1) -> jax.Array:
+  """Max over the last ``num_axes`` axes, its gradient all on one arg-max (``torch.max(dim)``).
+
+  LAVIS takes ``sim_q2t.max(-1)``, whose backward scatters to the returned index (here the
+  first arg-max). ``jnp.max`` instead splits the gradient over the elements equal to the max,
+  found by comparing each with the result and dividing by their count. On a GPU, XLA can
+  compute the max and that comparison from two fusions of ``x`` that differ in the last bits;
+  then no element equals the max and the gradient is 0/0 = NaN (seen on an H200: the ITC
+  backward, and Phase 1 at step 1, at ``model.cross_init_std=0.088``). A gathered arg-max
+  has no such comparison.
+
+  Args:
+    x: float[..., n_1, ..., n_num_axes].
+    num_axes: how many trailing axes to reduce.
+
+  Returns:
+    float[...], the max over those axes.
+  """
+  flat = x.reshape(*x.shape[:x.ndim - num_axes], -1)
+  idx = jnp.argmax(flat, axis=-1, keepdims=True)
+  return jnp.take_along_axis(flat, idx, axis=-1)[..., 0]
+
+
 def itc_sim_per_query(item_feats: jax.Array, text_feats: jax.Array) -> jax.Array:
   """float32[Bi, Bt, K]: ``[i, j, q] = item_feats[i, q] . text_feats[j]`` (LAVIS ``sim_q2t``)."""
   return jnp.einsum("iqd,jd->ijq", item_feats, text_feats,
@@ -44,7 +67,7 @@ def itc_logits(item_feats: jax.Array, text_feats: jax.Array, temp: jax.Array | f
   Returns:
     ``sim_i2t``; its transpose is ``sim_t2i``.
   """
-  return itc_sim_per_query(item_feats, text_feats).max(axis=-1) / temp
+  return max_over(itc_sim_per_query(item_feats, text_feats)) / temp
 
 
 def pair_logits(feats_a: jax.Array, feats_b: jax.Array, temp: jax.Array | float) -> jax.Array:
@@ -56,7 +79,7 @@ def pair_logits(feats_a: jax.Array, feats_b: jax.Array, temp: jax.Array | float)
     temp: temperature.
   """
   sim = jnp.einsum("ikd,jld->ijkl", feats_a, feats_b, preferred_element_type=jnp.float32)
-  return sim.max(axis=(-2, -1)) / temp
+  return max_over(sim, num_axes=2) / temp
 
 
 # ---------------------------------------------------------------- InfoNCE

@@ -57,6 +57,24 @@ def test_itc_logits_is_max_over_queries(feats):
   np.testing.assert_allclose(losses.itc_logits(item, text, temp), expected, rtol=RTOL, atol=1e-5)
 
 
+@pytest.mark.parametrize("num_axes", [1, 2])
+def test_max_over_sends_the_whole_gradient_to_the_first_argmax(num_axes):
+  """As ``torch.max(dim)`` (LAVIS ``sim_q2t.max(-1)``), ties included: ``jnp.max`` would
+  split a tie's gradient, and divides by the number of elements equal to the max (0 -> NaN
+  when a GPU fusion's copy of the input differs from the one the max came from)."""
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(3, 4, 2, 3)).astype(np.float32)
+  x[0, 0] = 5.0  # a tie over every reduced element
+  x[1, 2, 1, :2] = 7.0  # a tie of two
+  ct = rng.normal(size=(3, 4) if num_axes == 2 else (3, 4, 2)).astype(np.float32)
+  y, pullback = jax.vjp(lambda v: losses.max_over(v, num_axes), jnp.asarray(x))
+  flat = x.reshape(*ct.shape, -1)
+  np.testing.assert_array_equal(y, flat.max(-1))
+  expected = np.zeros_like(flat)
+  np.put_along_axis(expected, flat.argmax(-1)[..., None], ct[..., None], axis=-1)
+  np.testing.assert_array_equal(pullback(jnp.asarray(ct))[0], expected.reshape(x.shape))
+
+
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 @pytest.mark.parametrize("with_fn", [False, True])
 def test_itc_loss(feats, eps, with_fn):
