@@ -34,9 +34,9 @@ def max_over(x: jax.Array, num_axes: int = 1) -> jax.Array:
   first arg-max). ``jnp.max`` instead splits the gradient over the elements equal to the max,
   found by comparing each with the result and dividing by their count. On a GPU, XLA can
   compute the max and that comparison from two fusions of ``x`` that differ in the last bits;
-  then no element equals the max and the gradient is 0/0 = NaN (seen on an H200: the ITC
-  backward, and Phase 1 at step 1, at ``model.cross_init_std=0.088``). A gathered arg-max
-  has no such comparison.
+  then no element equals the max and the gradient is 0/0 = NaN (seen on an H200 in the ITC
+  backward at ``model.cross_init_std=0.088``, where Phase 1 also stopped at step 1 on a NaN
+  gradient). A gathered arg-max has no such comparison.
 
   Args:
     x: float[..., n_1, ..., n_num_axes].
