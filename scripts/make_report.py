@@ -215,10 +215,11 @@ def ordering_check(best: dict, dataset: str = "ml1m", task: str = "sequential",
   clear = lambda a, b: a[metric] - se(a) > b[metric] + se(b)  # noqa: E731
   val = lambda r: f"{METHOD_NAMES[r['method']]} {r[metric]:.4f} ± {se(r):.4f}"  # noqa: E731
   ordered = top[metric] > rand[metric] > mlp[metric]
-  separated = clear(top, rand) and clear(rand, mlp)
-  verdict = ("holds, with non-overlapping ±1 std error intervals" if separated else
-             "holds on the means, but the ±1 std error intervals overlap" if ordered else
-             "does **not** hold")
+  overlap = [name for name, a, b in (("ILM vs ILM-rand", top, rand), ("ILM-rand vs MLP", rand, mlp))
+             if not clear(a, b)]
+  verdict = ("holds, with non-overlapping ±1 std error intervals" if ordered and not overlap else
+             f"holds on the means, but the ±1 std error intervals overlap for "
+             f"{' and '.join(overlap)}" if ordered else "does **not** hold")
   return (f"Ordering ILM > ILM-rand > MLP ({DATASET_NAMES.get(dataset, dataset)} {task}, "
           f"{template} template, {metric.upper()}, {how}): {verdict}: {val(top)}; "
           f"{val(rand)}; {val(mlp)}.")

@@ -115,6 +115,12 @@ def test_ordering_check_reports_failure_and_missing():
                 _rec("mlp+retrieval", 0.1), _rec("mlp", 0.9)]}
   line = mod.ordering_check(retrieval, scorer="retrieval")
   assert "retrieval head): holds, with non-overlapping" in line and "ILM-IT-II 0.3000" in line
+  # The best ILM variant stands for ILM; the line names the pair whose intervals overlap.
+  retrieval[("ml1m", "test", "sequential", "seen", "mlp+retrieval")] = _rec("mlp+retrieval", 0.19)
+  retrieval.update({("ml1m", "test", "sequential", "seen", "ilm-it+retrieval"):
+                    _rec("ilm-it+retrieval", 0.5)})
+  line = mod.ordering_check(retrieval, scorer="retrieval")
+  assert "overlap for ILM-rand vs MLP: ILM-IT 0.5000" in line, line
 
 
 def test_main_rejects_missing_folder(tmp_path):
