@@ -20,6 +20,10 @@ ARG (comma-separated, optional, any order):
   nolanguage   skip the language metrics.
   text-only | mlp | ilm-rand | ilm-it | ilm-it-ii | ilm-it-ui   only these methods.
 
+Only the language metrics: ``--config.tasks= --config.scorers=`` (no ranking task, no scorer;
+add ``--config.preservation=False`` to skip that check too). Text-only has no soft tokens, so
+its language record is the frozen LLM's on the text prompts, however long it trained.
+
 Users: ``max_users`` > 0 evaluates a fixed seeded subsample (the same users for every
 method, task and scorer; reported as ``users`` and ``subsample`` in each record).
 """

@@ -87,6 +87,17 @@ def test_eval_job_writes_records(workdir):
   assert not any(r["task"] == "straightforward" for r in recs)
 
 
+
+def test_language_only(workdir):
+  """Empty tasks and scorers (configs/eval.py's docstring): only the language record."""
+  c = _get_config("tiny")
+  with c.unlocked():
+    c.tasks = c.scorers = ""
+    c.preservation = False
+    c.language.update(dict(count=1, tasks="attributes", max_new_tokens=2))
+  written = evaluate.run(c, str(workdir))
+  assert [(r["task"], r["method"], r["users"]) for r in written] == [("language", "mlp", 1)]
+
 def test_preservation_failure_fails_the_job(workdir, monkeypatch):
   monkeypatch.setattr(language, "preservation", lambda model, tok: {
       "prompts": 1, "tokens": 3, "max_abs_diff": 0.5, "equal": False})
