@@ -217,9 +217,12 @@ def ordering_check(best: dict, dataset: str = "ml1m", task: str = "sequential",
   ordered = top[metric] > rand[metric] > mlp[metric]
   overlap = [name for name, a, b in (("ILM vs ILM-rand", top, rand), ("ILM-rand vs MLP", rand, mlp))
              if not clear(a, b)]
-  verdict = ("holds, with non-overlapping ±1 std error intervals" if ordered and not overlap else
-             f"holds on the means, but the ±1 std error intervals overlap for "
-             f"{' and '.join(overlap)}" if ordered else "does **not** hold")
+  if not ordered:
+    verdict = "does **not** hold"
+  elif overlap:
+    verdict = f"holds on the means, but the ±1 std error intervals overlap for {' and '.join(overlap)}"
+  else:
+    verdict = "holds, with non-overlapping ±1 std error intervals"
   return (f"Ordering ILM > ILM-rand > MLP ({DATASET_NAMES.get(dataset, dataset)} {task}, "
           f"{template} template, {metric.upper()}, {how}): {verdict}: {val(top)}; "
           f"{val(rand)}; {val(mlp)}.")

@@ -87,7 +87,6 @@ def test_eval_job_writes_records(workdir):
   assert not any(r["task"] == "straightforward" for r in recs)
 
 
-
 def test_language_only(workdir):
   """Empty tasks and scorers (configs/eval.py's docstring): only the language record."""
   c = _get_config("tiny")
@@ -97,6 +96,7 @@ def test_language_only(workdir):
     c.language.update(dict(count=1, tasks="attributes", max_new_tokens=2))
   written = evaluate.run(c, str(workdir))
   assert [(r["task"], r["method"], r["users"]) for r in written] == [("language", "mlp", 1)]
+
 
 def test_preservation_failure_fails_the_job(workdir, monkeypatch):
   monkeypatch.setattr(language, "preservation", lambda model, tok: {
