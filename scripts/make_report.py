@@ -429,7 +429,8 @@ def make_report(runs: Sequence[str | pathlib.Path], out_dir: str | pathlib.Path,
          "Semantic consistency = cosine of MiniLM sentence embeddings of the generated and "
          "the reference answer (greedy decoding); log-likelihood per reference answer token "
          "(teacher forcing). See `ilm_jax/evals/language.py` for how held-out samples are "
-         "drawn.", ""]
+         "drawn. Text-only has no soft tokens, so its row is the frozen LLM's own on the "
+         "text prompts (its training does not touch generation).", ""]
   md += (lines if len(lines) > 2 else ["**missing**: no language records."]) + [""]
   lines, _ = preservation_table(best, datasets)
   md += ["## Preservation", "", "Text-only prompts through the ILM vs the frozen base LLM.", ""]
