@@ -3,7 +3,7 @@ r"""Regenerates docs/RESULTS.md, docs/results/*.json and the PNG plots from run 
   .venv/bin/python scripts/make_report.py --runs DIR [DIR ...] [--out-dir docs]
 
 Each DIR is a workdir of the jobs (``DIR/results.json``, ``DIR/**/metrics.jsonl``,
-``DIR/phase2/<method>/summary.json``). Writes:
+``DIR/phase2/<method>/summary.json``) or an archived copy of one. Writes:
 
   OUT/RESULTS.md                 tables for ML1M, Beauty, Clothing (then any other dataset
                                  found): MF, text-only, MLP, ILM-rand, ILM-IT, ILM-IT-II,
@@ -14,6 +14,14 @@ Each DIR is a workdir of the jobs (``DIR/results.json``, ``DIR/**/metrics.jsonl`
   OUT/results/<dataset>.json     the records reported (SPEC §8), one file per dataset
   OUT/results/results_<dataset>.png   HR@5 / NDCG@10 bars with ±1 std error
   OUT/results/training_<run>.png      training curves (loss vs step) per run folder
+  OUT/results/archive/<name>/    a copy of the small files above of every run (``name`` =
+                                 the folder's name; ``archive.json`` says where it came from)
+
+Run folders hold checkpoints and live outside the repository, and they do not outlive the
+machine that made them. The archive does: the report records the command that regenerates
+it from ``OUT/results/archive`` alone, and new runs can be added beside the archived ones.
+An archived run whose ``metrics.jsonl`` files were lost before archiving may hold the plot
+made from them instead (``training_curves.png``); the report shows that plot as it is.
 
 A method without a record is reported as missing; nothing is filled in. When several
 runs hold the same (dataset, split, task, template, method), the one with more users wins
@@ -28,7 +36,9 @@ import json
 import math
 import pathlib
 import re
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -66,9 +76,6 @@ def load_runs(runs: Sequence[str | pathlib.Path]) -> list[dict[str, Any]]:
   """All records of every run, each tagged with ``_run`` (the folder) and its position."""
   out = []
   for i, run in enumerate(runs):
-    run = pathlib.Path(run)
-    if not run.is_dir():
-      raise SystemExit(f"make_report: --runs {run}: no such folder")
     for r in results.read_results(run):
       out.append({**r, "_run": str(run), "_order": i})
   return out
@@ -113,6 +120,69 @@ def training_curves(run: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
       rel = path.parent.relative_to(run).as_posix()
       curves["phase1" if rel == "." else rel] = pts
   return curves
+
+
+# ============================================================================ archive
+
+ARCHIVE_INFO = "archive.json"
+CURVES_PNG = "training_curves.png"  # an archived run's plot whose metrics were lost
+
+
+def _archived_files(run: pathlib.Path) -> list[pathlib.Path]:
+  """The files of ``run`` the report reads (relative paths)."""
+  keep = [pathlib.Path(p) for p in (results.FILENAME, CURVES_PNG) if (run / p).is_file()]
+  keep += sorted(p.relative_to(run) for p in run.glob("phase2/*/summary.json"))
+  keep += sorted(p.relative_to(run) for p in run.rglob("metrics.jsonl"))
+  return keep
+
+
+def archive_runs(runs: Sequence[pathlib.Path], archive: pathlib.Path) -> list[pathlib.Path]:
+  """Copies each run's report inputs to ``archive/<folder name>``; returns the copies.
+
+  A run already inside ``archive`` is used as it is. Each copy is written beside its place
+  and renamed into it, so a failure leaves the previous copy whole. A folder whose name an
+  archived copy of another folder already has is refused (rename it).
+  """
+  archive = archive.resolve()
+  out, origins = [], {}
+  for run in runs:
+    run = run.resolve()
+    if run.parent == archive:
+      out.append(run)
+      continue
+    origin = _origin(run)
+    dest = archive / run.name
+    if dest.exists() and run.name not in origins:
+      origins[run.name] = _origin(dest)
+    if origins.setdefault(run.name, origin) != origin:
+      raise SystemExit(f"make_report: --runs {origin} would be archived as {dest}, which holds "
+                       f"the copy of {origins[run.name]}; rename the folder")
+    archive.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{run.name}.", dir=archive))
+    try:
+      for rel in _archived_files(run):
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(run / rel, tmp / rel)
+      info = {"origin": origin, "archived": datetime.date.today().isoformat()}
+      (tmp / ARCHIVE_INFO).write_text(json.dumps(info, indent=1) + "\n")
+      if dest.exists():
+        old = dest.with_name(f".{run.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        dest.rename(old)
+        tmp.rename(dest)
+        shutil.rmtree(old)
+      else:
+        tmp.rename(dest)
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+    out.append(dest)
+  return out
+
+
+def _origin(run: pathlib.Path) -> str:
+  """Where an archived run came from (the folder itself if it is not archived)."""
+  info = run / ARCHIVE_INFO
+  return json.loads(info.read_text()).get("origin", str(run)) if info.is_file() else str(run)
 
 
 # ============================================================================ tables
@@ -340,26 +410,41 @@ def _slug(text: str) -> str:
   return re.sub(r"[^a-z0-9_.-]+", "_", text.lower()).strip("_") or "run"
 
 
+def _shown_path(path: str | pathlib.Path) -> str:
+  """``path`` relative to the repository if it is inside it (as a command would name it)."""
+  path = pathlib.Path(path).resolve()
+  return path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
+
+
 def make_report(runs: Sequence[str | pathlib.Path], out_dir: str | pathlib.Path,
-                command: str | None = None, notes: str | pathlib.Path = "") -> pathlib.Path:
-  """Writes RESULTS.md, results/*.json and the plots under ``out_dir``; returns the .md.
+                notes: str | pathlib.Path = "") -> pathlib.Path:
+  """Writes RESULTS.md, results/*.json, the plots and the runs' archive under ``out_dir``.
 
   ``notes``: a markdown file copied in first (how the runs were made), if given.
+  Returns the path of RESULTS.md.
   """
   out_dir = pathlib.Path(out_dir)
   res_dir = out_dir / "results"
   res_dir.mkdir(parents=True, exist_ok=True)
-  run_list = [str(pathlib.Path(r)) for r in runs]
+  for run in runs:
+    if not pathlib.Path(run).is_dir():
+      raise SystemExit(f"make_report: --runs {run}: no such folder")
+  run_list = [str(r) for r in archive_runs([pathlib.Path(r) for r in runs], res_dir / "archive")]
   records = load_runs(run_list)
   best = best_records(records)
   for r in best.values():
     r["_run_label"] = _run_label(r, run_list)
   found = sorted({r["dataset"] for r in best.values()})
   datasets = list(MAIN_DATASETS) + [d for d in found if d not in MAIN_DATASETS]
-  command = command or ("python scripts/make_report.py --runs " + " ".join(run_list))
+  command = "python scripts/make_report.py --runs " + " ".join(_shown_path(r) for r in run_list)
+  if out_dir.resolve() != (REPO / "docs").resolve():
+    command += f" --out-dir {_shown_path(out_dir)}"
+  if notes:
+    command += f" --notes {_shown_path(notes)}"
 
   md = ["# Results", "",
-        f"Generated by `{command}` on {datetime.date.today().isoformat()}; do not edit by "
+        f"Generated on {datetime.date.today().isoformat()} by `{command}`, which regenerates "
+        "it from the archived copies of the runs (`results/archive/`); do not edit by "
         "hand. Every number is read from the runs' `results.json`; a method without a "
         "record is shown as **missing**. Test split, full ranking over all items minus the "
         "user's history (OpenP5 protocol, SPEC §6); ± is one standard error of the mean over "
@@ -370,11 +455,12 @@ def make_report(runs: Sequence[str | pathlib.Path], out_dir: str | pathlib.Path,
   if notes:
     md += ["## How these runs were made", "", pathlib.Path(notes).read_text().strip(), ""]
   md += ["## Runs", "",
-        "| run | folder | datasets | commands |", "|---|---|---|---|"]
+        "| run | folder (archived as) | datasets | commands |", "|---|---|---|---|"]
   for i, run in enumerate(run_list, 1):
     rr = [r for r in records if r["_run"] == run]
     cmds = sorted({r["command"] for r in rr if r.get("command")})
-    md.append(f"| R{i} | `{run}` | {', '.join(sorted({r['dataset'] for r in rr})) or '—'} | "
+    where = f"`{_origin(pathlib.Path(run))}` (`{pathlib.Path(run).name}`)"
+    md.append(f"| R{i} | {where} | {', '.join(sorted({r['dataset'] for r in rr})) or '—'} | "
               + ("<br>".join(f"`{c}`" for c in cmds) or "(no command recorded)") + " |")
   md.append("")
   models = [(i, m) for i, run in enumerate(run_list, 1)
@@ -437,13 +523,21 @@ def make_report(runs: Sequence[str | pathlib.Path], out_dir: str | pathlib.Path,
   md += (lines if len(lines) > 2 else ["**missing**: no preservation records."]) + [""]
 
   md += ["## Training curves", ""]
-  any_curve = False
-  for i, run in enumerate(run_list, 1):
-    png = res_dir / f"training_R{i}_{_slug(pathlib.Path(run).name)}.png"
-    if plot_curves(training_curves(pathlib.Path(run)), f"R{i}", png):
+  pngs = set()
+  for i, run in enumerate(map(pathlib.Path, run_list), 1):
+    png = res_dir / f"training_R{i}_{_slug(run.name)}.png"
+    if plot_curves(training_curves(run), f"R{i}", png):
       md += [f"![R{i} training curves](results/{png.name})", ""]
-      any_curve = True
-  if not any_curve:
+      pngs.add(png)
+    elif (run / CURVES_PNG).is_file():  # archived runs live under res_dir
+      md += [f"R{i}: the plot made when the run was first reported; its `metrics.jsonl` files "
+             "were not archived.", "",
+             f"![R{i} training curves]({(run / CURVES_PNG).relative_to(out_dir.resolve())})",
+             ""]
+      pngs.add(run / CURVES_PNG)
+  for stale in set(res_dir.glob("training_R*.png")) - pngs:
+    stale.unlink()
+  if not pngs:
     md += ["**missing**: no metrics.jsonl in the runs.", ""]
   path = out_dir / "RESULTS.md"
   path.write_text("\n".join(md).rstrip() + "\n")
@@ -452,17 +546,16 @@ def make_report(runs: Sequence[str | pathlib.Path], out_dir: str | pathlib.Path,
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--runs", nargs="+", required=True, help="run folders (workdirs)")
+  parser.add_argument("--runs", nargs="+", required=True,
+                      help="run folders (workdirs) or their archived copies "
+                           "(docs/results/archive/NAME); the order gives the labels R1, R2, ...")
   parser.add_argument("--out-dir", default=str(REPO / "docs"),
                       help="where RESULTS.md and results/ go (default: docs/)")
   parser.add_argument("--notes", default="",
                       help="a markdown file shown first, under 'How these runs were made' "
                            "(hardware, environment, what was not run and why)")
   args = parser.parse_args(argv)
-  cmd = "python scripts/make_report.py --runs " + " ".join(args.runs)
-  if args.notes:
-    cmd += f" --notes {args.notes}"
-  path = make_report(args.runs, args.out_dir, command=cmd, notes=args.notes)
+  path = make_report(args.runs, args.out_dir, notes=args.notes)
   print(f"make_report: wrote {path}")
   return 0
 

@@ -127,3 +127,47 @@ def test_main_rejects_missing_folder(tmp_path):
   mod = _report_module()
   with pytest.raises(SystemExit, match="no such folder"):
     mod.main(["--runs", str(tmp_path / "nope"), "--out-dir", str(tmp_path)])
+
+
+def test_archive_regenerates_the_report(runs, tmp_path):
+  """The report archives its runs' small files; the archive alone regenerates the tables."""
+  mod = _report_module()
+  out = tmp_path / "docs"
+  (runs[0] / "phase2" / "mlp" / "checkpoints").mkdir()
+  (runs[0] / "phase2" / "mlp" / "checkpoints" / "big.bin").write_bytes(b"0" * 1000)
+  first = mod.make_report(runs, out).read_text()
+  arch = out / "results" / "archive"
+  a = arch / "run_a"
+  assert sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file()) == [
+      "archive.json", "phase2/mlp/metrics.jsonl", "phase2/mlp/summary.json", "results.json"]
+  assert json.loads((a / "archive.json").read_text())["origin"] == str(runs[0].resolve())
+  # The header's command names the archived copies; the Runs table still the origin.
+  assert f"--runs {arch.resolve() / 'run_a'} {arch.resolve() / 'run_b'} --out-dir {out}" in first
+  assert f"| R1 | `{runs[0].resolve()}` (`run_a`) |" in first
+  for run in runs:  # the run folders go away, as they do with the machines that held them
+    for p in sorted(run.rglob("*"), reverse=True):
+      p.unlink() if p.is_file() else p.rmdir()
+    run.rmdir()
+  again = mod.make_report([arch / "run_a", arch / "run_b"], out).read_text()
+  body = lambda md: md.split("\n", 3)[3]  # noqa: E731  (after the dated header line)
+  assert body(again) == body(first)
+  assert (out / "results" / "training_R1_run_a.png").exists()
+
+
+def test_archive_keeps_a_lost_runs_plot_and_refuses_name_clashes(runs, tmp_path):
+  mod = _report_module()
+  out = tmp_path / "docs"
+  (runs[1] / "training_curves.png").write_bytes(b"\x89PNG\r\n\x1a\nold plot")
+  (out / "results").mkdir(parents=True)
+  (out / "results" / "training_R9_gone.png").write_bytes(b"stale")
+  md = mod.make_report(runs, out).read_text()
+  assert "R2: the plot made when the run was first reported" in md
+  assert "![R2 training curves](results/archive/run_b/training_curves.png)" in md
+  assert (out / "results" / "archive" / "run_b" / "training_curves.png").read_bytes().endswith(
+      b"old plot")
+  assert not (out / "results" / "training_R9_gone.png").exists()
+  other = tmp_path / "elsewhere" / "run_a"
+  results.write_results(other, [_rec("mlp", 0.1)])
+  for clash in ([runs[0], other], [other, out / "results" / "archive" / "run_a"]):
+    with pytest.raises(SystemExit, match="which holds the copy of"):
+      mod.make_report(clash, out)
