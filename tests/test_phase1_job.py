@@ -6,6 +6,7 @@ CF embeddings are built once and shared through ``data_dir`` / ``cf_path``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
@@ -136,6 +137,15 @@ def test_pair_logq_config_reaches_the_item_item_loss(shared, uninterrupted, tmp_
     return next(r["loss_ii"] for r in rows if r.get("step") == 2 and "loss_ii" in r)
   plain, corrected = ii_loss(uninterrupted[0]), ii_loss(tmp_path)
   assert np.isfinite(corrected) and abs(corrected - plain) > 1e-3, (plain, corrected)
+
+
+def test_dataset_without_item_text_is_a_clear_error(shared, tmp_path, monkeypatch):
+  """OpenP5's Clothing has no item text: the job says so and what to do, before training."""
+  real = prepare.prepared_dataset
+  monkeypatch.setattr(prepare, "prepared_dataset", lambda *a: dataclasses.replace(
+      real(*a), item_text=[""] * real(*a).num_items))
+  with pytest.raises(types.DataError, match=r"has no item text .*configs/phase2\.py:rand\|mlp\|text"):
+    phase1_job.training_data(_config(shared), str(tmp_path))
 
 
 def test_heldout_items_never_in_item_text_batches(shared, uninterrupted):

@@ -260,6 +260,14 @@ def training_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike
                               dedup_pairs=bool(pc.dedup_pairs),
                               max_len=int(pc.text_max_len))
   all_text = dict(sets.item_text)
+  if not len(all_text["item"]):
+    raise types.DataError(
+        f"phase1: {ds.name} has no item text (no item of its {ds.num_items} has a title, "
+        "brand, categories or description; OpenP5's Clothing is such a set, see "
+        "../shared/data/README.md). Phase 1 trains item-text losses on every variant "
+        f"({', '.join(METHODS)}), so it cannot run. Give the items text with "
+        "--config.data.item_meta=FILE, or use the Phase 2 models that need no Phase 1: "
+        f"configs/phase2.py:rand|mlp|text,{ds.name}")
   heldout = heldout_items(all_text, float(config.heldout_fraction), int(config.heldout_seed))
   sets = dataclasses.replace(
       sets, item_text=select_rows(all_text, ~np.isin(all_text["item"], heldout)))
