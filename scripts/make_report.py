@@ -105,20 +105,26 @@ def trained_models(run: pathlib.Path) -> list[dict[str, Any]]:
 
 
 def training_curves(run: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
-  """{relative folder: [(step, loss)]} from every metrics.jsonl under ``run``."""
+  """{relative folder: [(step, loss)]} from every metrics.jsonl under ``run``.
+
+  A file whose rows name several batch kinds (Phase 1 alternates item-text and pair
+  batches, whose losses differ in scale) gives one curve per kind, "<folder> <kind>".
+  """
   curves = {}
   for path in sorted(run.rglob("metrics.jsonl")):
-    pts = []
+    by_kind: dict[str, list[tuple[int, float]]] = {}
     for line in path.read_text().splitlines():
       try:
         row = json.loads(line)
       except json.JSONDecodeError:
         continue
       if "loss" in row and "step" in row and isinstance(row["loss"], int | float):
-        pts.append((int(row["step"]), float(row["loss"])))
-    if pts:
-      rel = path.parent.relative_to(run).as_posix()
-      curves["phase1" if rel == "." else rel] = pts
+        by_kind.setdefault(str(row.get("kind", "")), []).append(
+            (int(row["step"]), float(row["loss"])))
+    rel = path.parent.relative_to(run).as_posix()
+    rel = "phase1" if rel == "." else rel
+    for kind, pts in by_kind.items():
+      curves[f"{rel} {kind}" if len(by_kind) > 1 else rel] = pts
   return curves
 
 

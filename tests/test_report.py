@@ -171,3 +171,15 @@ def test_archive_keeps_a_lost_runs_plot_and_refuses_name_clashes(runs, tmp_path)
   for clash in ([runs[0], other], [other, out / "results" / "archive" / "run_a"]):
     with pytest.raises(SystemExit, match="which holds the copy of"):
       mod.make_report(clash, out)
+
+
+def test_training_curves_one_line_per_batch_kind(tmp_path):
+  mod = _report_module()
+  (tmp_path / "p1").mkdir()
+  (tmp_path / "p1" / "metrics.jsonl").write_text("\n".join(json.dumps(
+      {"step": s, "kind": "item_text" if s % 2 else "item_item", "loss": 9.0 if s % 2 else 1.0})
+      for s in range(1, 7)) + "\n")
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "kind": "phase2", "loss": 5.0}\n')
+  assert mod.training_curves(tmp_path) == {
+      "phase1": [(1, 5.0)], "p1 item_text": [(1, 9.0), (3, 9.0), (5, 9.0)],
+      "p1 item_item": [(2, 1.0), (4, 1.0), (6, 1.0)]}
