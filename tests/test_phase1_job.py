@@ -142,8 +142,12 @@ def test_pair_logq_config_reaches_the_item_item_loss(shared, uninterrupted, tmp_
 def test_dataset_without_item_text_is_a_clear_error(shared, tmp_path, monkeypatch):
   """OpenP5's Clothing has no item text: the job says so and what to do, before training."""
   real = prepare.prepared_dataset
-  monkeypatch.setattr(prepare, "prepared_dataset", lambda *a: dataclasses.replace(
-      real(*a), item_text=[""] * real(*a).num_items))
+
+  def without_text(*args):
+    ds = real(*args)
+    return dataclasses.replace(ds, item_text=[""] * ds.num_items)
+
+  monkeypatch.setattr(prepare, "prepared_dataset", without_text)
   with pytest.raises(types.DataError, match=r"has no item text .*configs/phase2\.py:rand\|mlp\|text"):
     phase1_job.training_data(_config(shared), str(tmp_path))
 
