@@ -45,6 +45,7 @@ from typing import Any
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from ilm_jax.data import sources  # noqa: E402
 from ilm_jax.evals import results  # noqa: E402
 
 MAIN_DATASETS = ("ml1m", "beauty", "clothing")
@@ -246,13 +247,21 @@ def ranking_table(best: dict, dataset: str, task: str, template: str,
                    + f" | {r['users']}{' (sample)' if r.get('subsample') else ''} | "
                    f"{_num(steps)} | {_num(wall, '{:.1f}')} | {_run_label(r, runs)} |")
     if not found:
-      lines.append(f"| {name} | — | **missing** (not run) | | | | | | | |")
+      lines.append(f"| {name} | — | {_missing_why(dataset, m)} | | | | | | | |")
   lines += _popularity_row(best, dataset, runs)
   if template == "seen":
     for label, *vals in PUBLISHED.get((dataset, task), []):
       cells = ["" if v is None else f"{v:.4f}" for v in vals]
       lines.append(f"| *published: {label}* | | " + " | ".join(cells) + " | | | | SPEC §7 |")
   return lines, shown
+
+
+def _missing_why(dataset: str, method: str) -> str:
+  """Why a table has no row for ``method``: it cannot exist, or it was not run."""
+  if (method.startswith("ilm-it") and dataset in sources.SHARED_OPENP5
+      and dataset not in sources.SHARED_ITEM_META):
+    return "n/a: the dataset has no item text, so no Phase 1"
+  return "**missing** (not run)"
 
 
 def _popularity_row(best: dict, dataset: str, runs: list[str]) -> list[str]:
@@ -452,7 +461,8 @@ def make_report(runs: Sequence[str | pathlib.Path], out_dir: str | pathlib.Path,
         f"Generated on {datetime.date.today().isoformat()} by `{command}`, which regenerates "
         "it from the archived copies of the runs (`results/archive/`); do not edit by "
         "hand. Every number is read from the runs' `results.json`; a method without a "
-        "record is shown as **missing**. Test split, full ranking over all items minus the "
+        "record is shown as **missing** (*n/a* where it cannot exist: ILM-IT* on a dataset "
+        "without item text). Test split, full ranking over all items minus the "
         "user's history (OpenP5 protocol, SPEC §6); ± is one standard error of the mean over "
         "users. *beam search (10)* = trie-constrained generation (the paper's protocol), "
         "*retrieval head* = one LLM pass scoring every item (beyond the paper). *steps* = "

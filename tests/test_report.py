@@ -183,3 +183,19 @@ def test_training_curves_one_line_per_batch_kind(tmp_path):
   assert mod.training_curves(tmp_path) == {
       "phase1": [(1, 5.0)], "p1 item_text": [(1, 9.0), (3, 9.0), (5, 9.0)],
       "p1 item_item": [(2, 1.0), (4, 1.0), (6, 1.0)]}
+
+
+def test_clothing_ilm_it_rows_say_why_they_cannot_exist(tmp_path):
+  # Clothing has no item text, so no Phase 1: its ILM-IT* rows are not "not run" but n/a.
+  mod = _report_module()
+  run = tmp_path / "run"
+  results.write_results(run, [_rec("ilm-rand", 0.02, dataset="clothing"),
+                              _rec("mlp", 0.03, dataset="beauty")])
+  md = mod.make_report([run], tmp_path / "docs").read_text()
+  clothing = md.split("\n## Clothing\n")[1]
+  for name in ("ILM-IT", "ILM-IT-II", "ILM-IT-UI"):
+    assert f"| {name} | — | n/a: the dataset has no item text, so no Phase 1 |" in clothing
+  assert "| MLP | — | **missing** (not run) |" in clothing
+  # Beauty has item text: its ILM-IT rows are runs not made.
+  beauty = md.split("\n## Beauty\n")[1].split("\n## Clothing\n")[0]
+  assert "| ILM-IT | — | **missing** (not run) |" in beauty

@@ -34,6 +34,9 @@ from ilm_jax.data.types import DataError, RecDataset
 
 SOURCES = ("generated", "movielens", "openp5")
 SHARED_OPENP5 = {"ml1m": "ML1M", "beauty": "Beauty", "clothing": "Clothing"}
+# Item text for the shared OpenP5 sets, relative to the shared data folder; a set missing
+# here has none (Clothing), so no Phase 1 and no ILM-IT* model can be trained on it.
+SHARED_ITEM_META = {"beauty": "amazon-beauty/Amazon_Beauty.item", "ml1m": "ml-1m/movies.dat"}
 _GENERATED_KEYS = ("seed", "num_items", "num_users", "num_clusters", "min_len", "max_len")
 
 log = logging.getLogger(__name__)
@@ -104,9 +107,8 @@ def default_item_meta(name: str) -> pathlib.Path | None:
   beauty -> ``amazon-beauty/Amazon_Beauty.item``; ml1m -> ``ml-1m/movies.dat`` (the TMDB
   overviews in ``ml-1m/extra`` are picked up beside it).
   """
-  data = resources.shared_data_dir()
-  path = {"beauty": data / "amazon-beauty" / "Amazon_Beauty.item",
-          "ml1m": data / "ml-1m" / "movies.dat"}.get(name.lower())
+  rel = SHARED_ITEM_META.get(name.lower())
+  path = None if rel is None else resources.shared_data_dir() / rel
   if path is None or not path.exists():
     return None
   return path
