@@ -312,3 +312,24 @@ def test_retrieval_scores_full_and_in_batch(models, kind):
   np.testing.assert_allclose(float(m["loss_retrieval"]), ce(ib, np.arange(B)), rtol=1e-4)
   _, m = _jloss(model, b, jax.random.key(0), candidates="batch", num_negatives=7)
   assert np.isfinite(float(m["loss_retrieval"])) and float(m["retrieval_rows"]) == 3
+
+
+def test_an_item_without_cf_interactions_trains_the_mlp_with_finite_gradients():
+  """An item never seen in training has an all-zero CF row (OpenP5 Beauty has 33); the MLP
+  adaptor maps it to all-zero soft tokens and an all-zero retrieval key. The full softmax
+  normalises that key: its gradient must be 0, not NaN (it was NaN at step 1 on Beauty)."""
+  model = _model("mlp")
+  items = np.array(model.cf_items[...])
+  items[7] = 0.0
+  model.cf_items[...] = jnp.asarray(items)
+  assert np.abs(np.asarray(nnx.jit(lambda m: m.item_token_table())(model))[7]).max() == 0
+  gd, trainable, frozen = partition.split_trainable(model, ("^llm/",))
+
+  def loss(t):
+    return phase2.phase2_loss(nnx.merge(gd, t, frozen, copy=True), _batch(), None,
+                              candidates="full", max_answer_tokens=8)[0]
+
+  value, grads = jax.jit(jax.value_and_grad(loss))(trainable)
+  assert np.isfinite(float(value))
+  for path, g in nnx.to_flat_state(grads):
+    assert np.isfinite(np.asarray(g)).all(), partition.path_str(path)

@@ -378,9 +378,14 @@ class QFormer(nnx.Module):
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """``x / max(||x||, eps)`` over the last axis, in float32 (torch ``F.normalize``)."""
+  """``x / max(||x||, eps)`` over the last axis, in float32 (torch ``F.normalize``).
+
+  Written as ``sqrt(max(||x||^2, eps^2))`` so that a zero vector has a zero gradient, not
+  NaN (``d||x||/dx`` is 0/0 at 0): the MLP adaptor maps an item without CF interactions
+  (an all-zero CF row) to all-zero soft tokens, whose retrieval key is such a vector.
+  """
   x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+  return x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
 def param_count(model: nnx.Module) -> int:
