@@ -256,10 +256,14 @@ def ranking_table(best: dict, dataset: str, task: str, template: str,
   return lines, shown
 
 
+def _has_item_text(dataset: str) -> bool:
+  """False for a shared OpenP5 set without item text (Clothing): no Phase 1, no ILM-IT*."""
+  return dataset not in sources.SHARED_OPENP5 or dataset in sources.SHARED_ITEM_META
+
+
 def _missing_why(dataset: str, method: str) -> str:
   """Why a table has no row for ``method``: it cannot exist, or it was not run."""
-  if (method.startswith("ilm-it") and dataset in sources.SHARED_OPENP5
-      and dataset not in sources.SHARED_ITEM_META):
+  if method.startswith("ilm-it") and not _has_item_text(dataset):
     return "n/a: the dataset has no item text, so no Phase 1"
   return "**missing** (not run)"
 
@@ -514,8 +518,8 @@ def make_report(runs: Sequence[str | pathlib.Path], out_dir: str | pathlib.Path,
         lines, rows = ranking_table(best, d, task, template, run_list)
         shown += rows
         md += [f"### {name} — {task}, {template} template", ""] + lines + [""]
-    if d == "ml1m":
-      md += [f"- {ordering_check(best, scorer=sc)}" for sc in ("", "retrieval")] + [""]
+    if _has_item_text(d):
+      md += [f"- {ordering_check(best, d, scorer=sc)}" for sc in ("", "retrieval")] + [""]
     extra = [r for r in best.values() if r["dataset"] == d
              and r["task"] not in TASKS and r["split"] == "test"]
     shown += extra
