@@ -62,6 +62,11 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
     keep_checkpoints: newest checkpoints kept.
     async_checkpoint: orbax background saves.
     eval_every: call the eval hook every N steps (and at the end); 0 = only at the end.
+    max_seconds: a wall-clock budget for this process's loop; 0 = none. Checked when
+      metrics are logged (every ``log_every`` steps): once it is spent the run ends there
+      as if ``total_steps`` were reached (final checkpoint, eval, a normal return), while
+      the learning-rate schedule keeps ``total_steps``' shape. For time-boxed leases: set
+      ``total_steps`` to the most the run may take.
     seed: base rng seed (params init belongs to ``model_fn``; this one feeds dropout and
       hard-negative sampling).
     frozen: regexes over param paths that do not train (``partition.trainable_filter``).
@@ -72,7 +77,8 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
   """
   c = ml_collections.ConfigDict(dict(
       total_steps=1000, log_every=50, checkpoint_every=500, keep_checkpoints=3,
-      async_checkpoint=False, eval_every=0, seed=0, frozen=(), jit_init=True))
+      async_checkpoint=False, eval_every=0, max_seconds=0.0, seed=0, frozen=(),
+      jit_init=True))
   c.optimizer = optim.default_config()
   c.update(overrides)
   return c
@@ -86,6 +92,7 @@ class TrainResult:
     step: updates applied in total (including those before a restore).
     graphdef, trainable, frozen, opt_state: the final split state.
     stopped_by_signal: True when SIGTERM/SIGINT ended the run early (checkpoint saved).
+    stopped_by_time: True when ``max_seconds`` ended the loop before ``total_steps``.
     restored_step: the checkpoint step the run resumed from, or None.
     eval_metrics: the last eval hook result.
   """
@@ -95,6 +102,7 @@ class TrainResult:
   frozen: Any
   opt_state: Any
   stopped_by_signal: bool = False
+  stopped_by_time: bool = False
   restored_step: int | None = None
   eval_metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -221,6 +229,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   workdir = os.fspath(workdir)
   total_steps = int(config.total_steps)
   log_every = max(1, int(config.log_every))
+  max_seconds = float(config.get("max_seconds", 0.0))
   writer = MetricsWriter(workdir)
   iterators = dict(data) if isinstance(data, Mapping) else {"train": data}
   round_robin = list(iterators) if isinstance(data, Mapping) else None
@@ -329,7 +338,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     logging.info("eval at step %d: %s", s, eval_metrics)
 
   # ==== Loop ============================================================================
-  stopped = False
+  stopped = out_of_time = False
   t_window, step_window = time.perf_counter(), step
   t_start, step_start = t_window, step
   try:
@@ -375,9 +384,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                        step, total_steps, 100.0 * step / total_steps, rate,
                        last.get("loss", float("nan")), _format_eta(eta))
           t_window, step_window = now, step
+          if max_seconds and now - t_start >= max_seconds and step < total_steps:
+            out_of_time = True
+            logging.warning("max_seconds=%g spent at step %d of %d; ending the run here",
+                            max_seconds, step, total_steps)
 
         # ---- eval, checkpoint ----
-        if config.eval_every and step % int(config.eval_every) == 0 and step < total_steps:
+        if (config.eval_every and step % int(config.eval_every) == 0 and step < total_steps
+            and not out_of_time):
           run_eval(step)
         if config.checkpoint_every and step % int(config.checkpoint_every) == 0:
           save(step)
@@ -388,6 +402,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
           stopped = True
           logging.warning("stopped by %s at step %d; checkpoint saved",
                           signal.Signals(stop.signal).name, step)
+          break
+        if out_of_time:
           break
 
     # ==== Final checkpoint and eval =======================================================
@@ -409,6 +425,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   writer.close()
   return TrainResult(step=step, graphdef=graphdef, trainable=trainable, frozen=frozen,
                      opt_state=opt_state, stopped_by_signal=stopped,
+                     stopped_by_time=out_of_time,
                      restored_step=restored_step, eval_metrics=eval_metrics)
 
 

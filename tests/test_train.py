@@ -129,6 +129,24 @@ def test_frozen_weights_untouched_unoptimized_and_not_checkpointed(baseline):
   assert total < table_bytes, (total, table_bytes)
 
 
+def test_max_seconds_ends_the_run_normally_at_a_log_step(tmp_path):
+  """A spent wall-clock budget ends the loop at the next logged step: final checkpoint,
+  final eval and a normal return, and a rerun resumes towards total_steps."""
+  calls = []
+  cfg = tiny.config(total_steps=TOTAL, checkpoint_every=0, max_seconds=1e-9)
+  cfg.log_every = 2
+  r = train.train(cfg, tmp_path, model_fn=tiny.model_fn,
+                  losses=tiny.LOSSES, data=tiny.make_data(), mesh=tiny.mesh(),
+                  eval_fn=lambda model, step: calls.append(step) or {"x": 0.0})
+  assert r.step == 2 and r.stopped_by_time and not r.stopped_by_signal
+  assert calls == [2]
+  assert checkpoint.Checkpointer(tmp_path / "checkpoints").latest_step() == 2
+  cfg.max_seconds = 0.0
+  r2 = train.train(cfg, tmp_path, model_fn=tiny.model_fn,
+                   losses=tiny.LOSSES, data=tiny.make_data(), mesh=tiny.mesh())
+  assert r2.restored_step == 2 and r2.step == TOTAL and not r2.stopped_by_time
+
+
 def test_non_finite_loss_names_the_step(tmp_path):
   # Single iterator whose batches carry 'kind'; example 5 of the shuffled stream is NaN.
   nan_example = 5
