@@ -109,7 +109,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # when beam search matters. detach: the retrieval loss trains only the head, so the
   # soft tokens are shaped by the LM loss alone (generation trains as at weight 0); on the
   # generated catalogue's test users (600 steps) the detached head ranked about as well. On
-  # ML1M (one epoch, batch 32; docs/results/runs.md, R9) the detached head's HR@5 was about
+  # ML1M (one epoch, batch 32; docs/results/runs.md, E1) the detached head's HR@5 was about
   # half the joint one's, generation stayed at chance, and the language metrics rose most.
   c.retrieval = ml_collections.ConfigDict(dict(
       dim=256, weight=1.0, candidates="batch", num_negatives=120, detach=False))
