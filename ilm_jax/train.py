@@ -229,7 +229,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   workdir = os.fspath(workdir)
   total_steps = int(config.total_steps)
   log_every = max(1, int(config.log_every))
-  max_seconds = float(config.get("max_seconds", 0.0))
+  max_seconds = float(config.max_seconds)
   writer = MetricsWriter(workdir)
   iterators = dict(data) if isinstance(data, Mapping) else {"train": data}
   round_robin = list(iterators) if isinstance(data, Mapping) else None
