@@ -56,6 +56,7 @@ METHOD_NAMES = {"mf": "MF", "text-only": "text-only", "mlp": "MLP", "ilm-rand": 
 TASKS = ("sequential", "straightforward")
 TEMPLATES = ("seen", "unseen")
 METRICS = results.METRIC_FIELDS
+DISTINCT = "distinct@10"  # different items in the users' top 10s (evals/ranking.summarize)
 # SPEC §7: full ranking, leave-one-out; (label, HR@5, NDCG@5, HR@10, NDCG@10), None = not
 # given. The SPEC does not say which template; they are shown beside the seen one.
 PUBLISHED = {
@@ -215,20 +216,20 @@ def _run_label(r: dict[str, Any], runs: list[str]) -> str:
 def ranking_table(best: dict, dataset: str, task: str, template: str,
                   runs: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
   """Markdown lines of one table, and the records it shows."""
-  lines = ["| method | scorer | HR@5 | NDCG@5 | HR@10 | NDCG@10 | users | steps | "
-           "eval wall s | run |", "|---|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| method | scorer | HR@5 | NDCG@5 | HR@10 | NDCG@10 | distinct@10 | users | steps | "
+           "eval wall s | run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
   shown = []
   for m in results.METHODS:
     name = METHOD_NAMES[m]
     if m == "mf":
       if task != "straightforward":
         lines.append(f"| {name} | — | n/a: MF has no prompt (see straightforward) "
-                     "| | | | | | | |")
+                     "| | | | | | | | |")
         continue
       if template == "unseen":
         r = best.get((dataset, "test", task, "seen", m))
         if r is not None:
-          lines.append(f"| {name} | dot product | same as seen (no template) | | | | "
+          lines.append(f"| {name} | dot product | same as seen (no template) | | | | | "
                        f"{r['users']} | | | {_run_label(r, runs)} |")
           continue
     variants = [(m, "beam search (10)"), (m + "+retrieval", "retrieval head")]
@@ -244,15 +245,16 @@ def ranking_table(best: dict, dataset: str, task: str, template: str,
       steps = r.get("steps", r.get("iters"))
       wall = r.get("wall_s")
       lines.append(f"| {name} | {scorer} | " + " | ".join(_fmt(r, k) for k in METRICS)
+                   + f" | {_num(r.get(DISTINCT))}"
                    + f" | {r['users']}{' (sample)' if r.get('subsample') else ''} | "
                    f"{_num(steps)} | {_num(wall, '{:.1f}')} | {_run_label(r, runs)} |")
     if not found:
-      lines.append(f"| {name} | — | {_missing_why(dataset, m)} | | | | | | | |")
+      lines.append(f"| {name} | — | {_missing_why(dataset, m)} | | | | | | | | |")
   lines += _popularity_row(best, dataset, runs)
   if template == "seen":
     for label, *vals in PUBLISHED.get((dataset, task), []):
       cells = ["" if v is None else f"{v:.4f}" for v in vals]
-      lines.append(f"| *published: {label}* | | " + " | ".join(cells) + " | | | | SPEC §7 |")
+      lines.append(f"| *published: {label}* | | " + " | ".join(cells) + " | | | | | SPEC §7 |")
   return lines, shown
 
 
@@ -276,6 +278,7 @@ def _popularity_row(best: dict, dataset: str, runs: list[str]) -> list[str]:
     return []
   pop = {k[len("popularity_"):]: v for k, v in r.items() if k.startswith("popularity_")}
   return ["| *popularity (train counts)* | — | " + " | ".join(_fmt(pop, k) for k in METRICS)
+          + f" | {_num(pop.get(DISTINCT))}"
           + f" | {r['users']}{' (sample)' if r.get('subsample') else ''} | | | "
           f"{_run_label(r, runs)} |"]
 
@@ -471,7 +474,10 @@ def make_report(runs: Sequence[str | pathlib.Path], out_dir: str | pathlib.Path,
         "users. *beam search (10)* = trie-constrained generation (the paper's protocol), "
         "*retrieval head* = one LLM pass scoring every item (beyond the paper). *steps* = "
         "Phase 2 training steps (MF: ALS iterations); *eval wall s* = scoring time of that "
-        "row (compilation included). Machine-readable rows: `results/<dataset>.json`.", ""]
+        "row (compilation included); *distinct@10* = how many different items the users' "
+        "top-10 lists hold together (about 10 when every user gets the same list, as from "
+        "popularity; blank for records made before it was counted). Machine-readable rows: "
+        "`results/<dataset>.json`.", ""]
   if notes:
     md += ["## How these runs were made", "", pathlib.Path(notes).read_text().strip(), ""]
   md += ["## Runs", "",

@@ -88,6 +88,9 @@ def test_retrieval_ranking_known_scores_and_history_exclusion(setup):
   assert rec["ndcg@5"] == pytest.approx(ndcg(5).mean())
   assert rec["ndcg@10"] == pytest.approx(ndcg(10).mean())
   assert rec["hr@5_se"] == pytest.approx(hit5.std(ddof=1) / np.sqrt(13))
+  # One ordering for everyone: the top 10s differ only by the history they skip.
+  tops = [[j for j in range(n) if j not in set(hist[u].tolist())][:10] for u in users]
+  assert rec["distinct@10"] == len(set().union(*tops))
   results.validate_record(rec)
 
 
@@ -116,6 +119,7 @@ def test_generation_record(setup):
                         template="seen", users=openp5.eval_users(ds.num_users, 8),
                         batch_size=8, log=lines.append)
   assert rec["method"] == "ilm-rand" and rec["users"] == 8 and rec["beam_size"] == 10
+  assert 1 <= rec["distinct@10"] <= min(8 * 10, ds.num_items)
   assert rec["wall_s"] > 0 and rec["users_per_s"] > 0
   assert lines and "users/s" in lines[-1] and "8/8" in lines[-1]
   results.validate_record(rec)

@@ -71,6 +71,44 @@ def test_rank_users_matches_brute_force(batch_size):
                             users=sub, batch_size=batch_size).tolist() == [want[i] for i in sub]
 
 
+def test_rank_users_top_k_is_the_best_candidates_outside_the_history():
+  rng = np.random.default_rng(2)
+  table = rng.normal(size=(9, 12)).astype(np.float32)  # continuous: no ties
+  histories = [rng.choice(12, 4, replace=False) for _ in range(9)]
+  targets = rng.integers(0, 12, 9)
+  ranks, top = ranking.rank_users(lambda u: jnp.asarray(table)[u], histories, targets, 12,
+                                  batch_size=4, top_k=3)
+  assert ranks.tolist() == ranking.rank_users(lambda u: jnp.asarray(table)[u], histories,
+                                              targets, 12, batch_size=4).tolist()
+  for u in range(9):
+    want = [i for i in np.argsort(-table[u]) if i not in set(histories[u])][:3]
+    assert top[u].tolist() == want
+  # Fewer candidates than top_k: the list ends with -1, never a history item.
+  _, short = ranking.rank_users(lambda u: jnp.asarray(table)[u, :4], [np.array([0, 2])] * 9,
+                                targets % 4, 4, top_k=3)
+  assert {tuple(row) for row in short.tolist()} <= {(1, 3, -1), (3, 1, -1)}
+
+
+def test_distinct_tells_one_list_for_everyone_from_personal_lists():
+  ranks = np.array([1, 0, 3])
+  same = np.tile([4, 2, 7], (3, 1))
+  assert ranking.summarize(ranks, top=same)["distinct@3"] == 3
+  own = np.array([[4, 2, 7], [1, 5, 6], [4, 8, -1]])  # -1: a short list, not an item
+  assert ranking.summarize(ranks, top=own)["distinct@3"] == 7
+  assert "distinct@3" not in ranking.summarize(ranks)
+  with pytest.raises(ValueError, match="shape"):
+    ranking.summarize(ranks, top=own[:2])
+
+
+def test_top_of_lists_cleans_as_ranks_from_lists_does():
+  ranked = [[-1, 3, 3, 9, 1, 5], [2]]
+  histories = [np.array([9]), np.array([], int)]
+  top = ranking.top_of_lists(ranked, 3, histories)
+  assert top.tolist() == [[3, 1, 5], [2, -1, -1]]
+  # The rank of an item is its position in the cleaned list.
+  assert ranking.ranks_from_lists(ranked, [5, 2], histories).tolist() == [3, 1]
+
+
 def test_summarize_against_reference():
   ranks = np.array([1, 2, 5, 6, 10, 11, 0, 3])
   out = ranking.summarize(ranks)

@@ -32,11 +32,12 @@ def runs(tmp_path):
   a, b = tmp_path / "run_a", tmp_path / "run_b"
   results.write_results(a, [
       _rec("ilm-it-ii", 0.30, steps=2000, wall_s=12.5, command="python -m ilm_jax.main x"),
-      _rec("ilm-it-ii+retrieval", 0.25, steps=2000),
+      _rec("ilm-it-ii+retrieval", 0.25, steps=2000, **{"distinct@10": 37}),
       _rec("ilm-rand", 0.20), _rec("mlp", 0.10),
       _rec("mf", 0.05, task="straightforward", iters=10,
            **{"popularity_hr@5": 0.02, "popularity_hr@5_se": 0.004, "popularity_ndcg@5": 0.01,
-              "popularity_hr@10": 0.03, "popularity_ndcg@10": 0.015}),
+              "popularity_hr@10": 0.03, "popularity_ndcg@10": 0.015,
+              "popularity_distinct@10": 11}),
       dict(dataset="ml1m", split="test", task="language", template="seen", method="mlp",
            users=20, semantic_consistency=0.61, semantic_consistency_se=0.02,
            loglik_per_token=-2.5, loglik_per_token_se=0.1),
@@ -79,8 +80,15 @@ def test_report_tables_missing_and_json(runs, tmp_path):
   assert "| MF | dot product | 0.0500 ± 0.0100 |" in md
   # The popularity baseline from the MF record: one row in each of ML1M's four tables.
   pop_row = ("| *popularity (train counts)* | — | 0.0200 ± 0.0040 | 0.0100 | 0.0300 | 0.0150 "
-             "| 100 | | | R1 |")
+             "| 11 | 100 | | | R1 |")
   assert md.split("## Beauty")[0].count(pop_row) == 4
+  # distinct@10 where the record counts it, blank where it does not.
+  assert "| ILM-IT-II | retrieval head | 0.2500 ± 0.0100 | 0.1250 | 0.3750 | 0.1667 | 37 | 100 |" in md
+  assert "| ILM-rand | beam search (10) | 0.2000 ± 0.0100 | 0.1000 | 0.3000 | 0.1333 |  | 100 |" in md
+  # Every row of a ranking table has the header's number of cells.
+  for table in md.split("\n| method | scorer |")[1:]:
+    rows = ("| method | scorer |" + table).split("\n\n")[0].splitlines()
+    assert {r.count("|") for r in rows} == {12}, rows
   assert "`python -m ilm_jax.main x`" in md
   assert ("| R1 | `phase2/mlp` | ml1m | mlp | 2000 | 8 | 99.5 | NVIDIA H200 | 60400 | 320 | 4 "
           "| 1234 | `python -m ilm_jax.main --config=p2` |") in md

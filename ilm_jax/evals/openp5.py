@@ -255,7 +255,8 @@ def _pad_id(model: nnx.Module) -> int:
 
 def rank_retrieval(model: nnx.Module, prompts: Prompts, num_items: int, *,
                    batch_size: int = 32, progress: Progress | None = None,
-                   item_keys: jax.Array | None = None) -> np.ndarray:
+                   item_keys: jax.Array | None = None,
+                   top_k: int = 0) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
   """Retrieval-head ranking: one LLM pass per prompt, every item scored, history excluded.
 
   Args:
@@ -265,9 +266,11 @@ def rank_retrieval(model: nnx.Module, prompts: Prompts, num_items: int, *,
     batch_size: prompts per call.
     progress: optional progress printer.
     item_keys: ``retrieval_item_keys(model)`` computed earlier (computed here if None).
+    top_k: if > 0, also return each prompt's top_k items (``ranking.rank_users``).
 
   Returns:
-    int32[U] ranks (``ranking.NOT_RANKED`` = target in the history).
+    int32[U] ranks (``ranking.NOT_RANKED`` = target in the history); with ``top_k``, the
+    pair (ranks, int32[U, top_k] items best first).
   """
   n = len(prompts.users)
   graphdef, state = nnx.split(model)
@@ -290,7 +293,7 @@ def rank_retrieval(model: nnx.Module, prompts: Prompts, num_items: int, *,
     return scores
 
   return ranking.rank_users(score_fn, all_hist, targets, num_items, users=prompts.users,
-                            batch_size=max(1, min(batch_size, n)))
+                            batch_size=max(1, min(batch_size, n)), top_k=top_k)
 
 
 # ============================================================================ diagnostics
@@ -426,8 +429,9 @@ def evaluate(model: nnx.Module, ds: RecDataset, split: Split, encoder: phase2.Pr
     log: progress printer (default print).
 
   Returns:
-    The record, with extras: std errors, wall_s (scoring only), users_per_s, scorer,
-    beam_size, subsample (bool).
+    The record, with extras: std errors, distinct@10 (different items in the users' top 10;
+    ``ranking.summarize``), wall_s (scoring only), users_per_s, scorer, beam_size,
+    subsample (bool).
   """
   if scorer not in SCORERS:
     raise ValueError(f"scorer={scorer!r}; valid: {', '.join(SCORERS)}")
@@ -438,16 +442,17 @@ def evaluate(model: nnx.Module, ds: RecDataset, split: Split, encoder: phase2.Pr
   progress = Progress(n, label, every_s=progress_every_s, out=log)
   if scorer == "generation":
     trie = trie if trie is not None else item_trie(ds, encoder)
-    ranks, _ = rank_generation(model, prompts, trie, beam_size=beam_size,
-                               batch_size=batch_size, progress=progress)
+    ranks, lists = rank_generation(model, prompts, trie, beam_size=beam_size,
+                                   batch_size=batch_size, progress=progress)
+    top = ranking.top_of_lists(lists, max(ranking.KS), prompts.histories)
     name = method
   else:
-    ranks = rank_retrieval(model, prompts, ds.num_items, batch_size=batch_size,
-                           progress=progress, item_keys=item_keys)
+    ranks, top = rank_retrieval(model, prompts, ds.num_items, batch_size=batch_size,
+                                progress=progress, item_keys=item_keys, top_k=max(ranking.KS))
     name = f"{method}+retrieval"
   wall = progress.seconds
   rec = dict(dataset=ds.name, split=which, task=task, template=template, method=name,
-             **ranking.summarize(ranks))
+             **ranking.summarize(ranks, top=top))
   rec.update(scorer=scorer, wall_s=round(wall, 2), users_per_s=round(n / max(wall, 1e-9), 3),
              subsample=bool(n < ds.num_users), num_items=ds.num_items)
   if scorer == "generation":

@@ -17,6 +17,10 @@ Conventions (one place for them):
   * A ranked list (generation output) may contain ids < 0 (strings that are not items),
     history items and repeats; those are dropped before the target's position is read.
 
+Beside HR/NDCG, ``summarize`` can count ``distinct@K``: how many different items appear in
+the users' top-K lists. It tells a personalised ranking from one list shown to everyone
+(about K distinct items, as popularity gives), which HR alone cannot.
+
 Two entry points: ``rank_users`` for models that score every item (MF, the retrieval
 head), batched over users through a jitted kernel; ``ranks_from_lists`` for models that
 emit ranked lists (beam search). Both feed ``summarize``.
@@ -24,7 +28,9 @@ emit ranked lists (beam search). Both feed ``summarize``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +70,14 @@ def ranks_from_scores(scores: jax.Array, targets: jax.Array,
   return ranks, finite
 
 
+@functools.partial(jax.jit, static_argnames="k")
+def top_candidates(scores: jax.Array, exclude: jax.Array, k: int) -> jax.Array:
+  """int32[B, k]: each row's k best non-excluded items, best first (ties: lower index);
+  -1 where a row has fewer than k candidates."""
+  values, items = jax.lax.top_k(jnp.where(exclude, -jnp.inf, scores), k)
+  return jnp.where(values > -jnp.inf, items, -1).astype(jnp.int32)
+
+
 def history_mask(histories: Sequence[np.ndarray], num_items: int) -> np.ndarray:
   """bool[B, N]: True at every (row, item) in that row's history."""
   mask = np.zeros((len(histories), num_items), bool)
@@ -76,7 +90,8 @@ def history_mask(histories: Sequence[np.ndarray], num_items: int) -> np.ndarray:
 
 def rank_users(score_fn: Callable[[jax.Array], jax.Array],
                histories: Sequence[np.ndarray], targets: np.ndarray, num_items: int, *,
-               users: np.ndarray | None = None, batch_size: int = 1024) -> np.ndarray:
+               users: np.ndarray | None = None, batch_size: int = 1024,
+               top_k: int = 0) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
   """Ranks every user's target with a model that scores all items.
 
   Args:
@@ -88,9 +103,11 @@ def rank_users(score_fn: Callable[[jax.Array], jax.Array],
     num_items: N.
     users: optional int[M] subset of users to evaluate (default: all).
     batch_size: users per scoring call.
+    top_k: if > 0, also return each user's top_k candidates (``top_candidates``).
 
   Returns:
-    int32[M] ranks (``NOT_RANKED`` = target in history), in the order of ``users``.
+    int32[M] ranks (``NOT_RANKED`` = target in history), in the order of ``users``; with
+    ``top_k``, the pair (ranks, int32[M, top_k] top candidates).
 
   Raises:
     ValueError: a candidate score is NaN, or ``score_fn`` returns the wrong shape.
@@ -99,6 +116,7 @@ def rank_users(score_fn: Callable[[jax.Array], jax.Array],
   targets = np.asarray(targets, np.int32)
   batch_size = max(1, min(batch_size, len(users)))
   out = np.zeros(len(users), np.int32)
+  top = np.full((len(users), top_k), -1, np.int32)  # -1 past the last item
   for start in range(0, len(users), batch_size):
     batch = users[start:start + batch_size]
     m = len(batch)
@@ -114,7 +132,10 @@ def rank_users(score_fn: Callable[[jax.Array], jax.Array],
     if not finite.all():
       raise ValueError(f"score_fn gave NaN scores for user {batch[~finite][0]}")
     out[start:start + m] = ranks
-  return out
+    if top_k:
+      k = min(top_k, num_items)
+      top[start:start + m, :k] = np.asarray(top_candidates(scores, jnp.asarray(exclude), k))[:m]
+  return (out, top) if top_k else out
 
 
 def ranks_from_lists(ranked: Sequence[Sequence[int]], targets: Sequence[int],
@@ -134,32 +155,49 @@ def ranks_from_lists(ranked: Sequence[Sequence[int]], targets: Sequence[int],
   """
   out = np.zeros(len(targets), np.int32)
   for u, (items, target) in enumerate(zip(ranked, targets, strict=True)):
-    seen = set() if histories is None else {int(i) for i in histories[u]}
-    if int(target) in seen:
+    if histories is not None and int(target) in {int(i) for i in histories[u]}:
       continue
-    pos = 0
-    for item in items:
-      item = int(item)
-      if item < 0 or item in seen:
-        continue
-      seen.add(item)
-      pos += 1
+    for pos, item in enumerate(_clean(items, None if histories is None else histories[u]), 1):
       if item == target:
         out[u] = pos
         break
   return out
 
 
-def summarize(ranks: np.ndarray, ks: Sequence[int] = KS) -> dict[str, float | int]:
+def top_of_lists(ranked: Sequence[Sequence[int]], k: int,
+                 histories: Sequence[np.ndarray] | None = None) -> np.ndarray:
+  """int32[U, k]: each ranked list's first k items once cleaned as ``ranks_from_lists``
+  cleans them (ids < 0, history items and repeats dropped); -1 pads short lists."""
+  out = np.full((len(ranked), k), -1, np.int32)
+  for u, items in enumerate(ranked):
+    kept = list(itertools.islice(_clean(items, None if histories is None else histories[u]), k))
+    out[u, :len(kept)] = kept
+  return out
+
+
+def _clean(items: Iterable[int], history: np.ndarray | None) -> Iterator[int]:
+  """Yields the items of a ranked list that are real, new and not in the history."""
+  seen = set() if history is None else {int(i) for i in history}
+  for item in items:
+    item = int(item)
+    if item >= 0 and item not in seen:
+      seen.add(item)
+      yield item
+
+
+def summarize(ranks: np.ndarray, ks: Sequence[int] = KS,
+              top: np.ndarray | None = None) -> dict[str, float | int]:
   """HR@K and NDCG@K means and standard errors over users.
 
   Args:
     ranks: int[U] 1-based ranks, ``NOT_RANKED`` = miss.
     ks: cut-offs.
+    top: optional int[U, K] each user's top-K items (-1 = none), which adds
+      ``distinct@K``, the number of different items among them.
 
   Returns:
-    {'users', 'hr@K', 'ndcg@K', 'hr@K_se', 'ndcg@K_se' for each K}. The standard error
-    is the sample std (ddof=1) / sqrt(users); 0 for a single user.
+    {'users', 'hr@K', 'ndcg@K', 'hr@K_se', 'ndcg@K_se' for each K} (+ 'distinct@K'). The
+    standard error is the sample std (ddof=1) / sqrt(users); 0 for a single user.
   """
   ranks = np.asarray(ranks, np.int64)
   n = len(ranks)
@@ -173,13 +211,19 @@ def summarize(ranks: np.ndarray, ks: Sequence[int] = KS) -> dict[str, float | in
     for name, v in (("hr", hit.astype(np.float64)), ("ndcg", gain)):
       out[f"{name}@{k}"] = float(v.mean())
       out[f"{name}@{k}_se"] = float(v.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+  if top is not None:
+    top = np.asarray(top)
+    if top.ndim != 2 or len(top) != n:
+      raise ValueError(f"top has shape {top.shape}; expected ({n}, K)")
+    out[f"distinct@{top.shape[1]}"] = int(len(np.unique(top[top >= 0])))
   return out
 
 
 def evaluate_scores(score_fn: Callable[[jax.Array], jax.Array], split, which: str,
                     num_items: int, *, users: np.ndarray | None = None,
                     batch_size: int = 1024, ks: Sequence[int] = KS) -> dict[str, float | int]:
-  """``summarize(rank_users(...))`` on ``split`` ('valid' or 'test') of a ``types.Split``."""
-  ranks = rank_users(score_fn, split.history(which), split.targets(which), num_items,
-                     users=users, batch_size=batch_size)
-  return summarize(ranks, ks)
+  """``summarize(rank_users(...))`` on ``split`` ('valid' or 'test') of a ``types.Split``,
+  with ``distinct@max(ks)``."""
+  ranks, top = rank_users(score_fn, split.history(which), split.targets(which), num_items,
+                          users=users, batch_size=batch_size, top_k=max(ks))
+  return summarize(ranks, ks, top)
