@@ -101,7 +101,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
   pop = popularity["test"]
   print(f"cf: popularity baseline (train counts), test: HR@5 {pop['hr@5']:.4f} ± "
         f"{pop['hr@5_se']:.4f}, NDCG@5 {pop['ndcg@5']:.4f}, HR@10 {pop['hr@10']:.4f}, "
-        f"NDCG@10 {pop['ndcg@10']:.4f}", flush=True)
+        f"NDCG@10 {pop['ndcg@10']:.4f}, distinct@10 {pop['distinct@10']}", flush=True)
   print(f"cf: wrote {embeddings_path(out)} and {out / results.FILENAME} "
         f"({time.perf_counter() - wall0:.1f}s)", flush=True)
   return records

@@ -186,8 +186,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
               progress_every_s=float(config.progress_every_s), log=log)
           emit(rec, extras)
           log(f"eval: {rec['method']} {task}/{template}: HR@5 {rec['hr@5']:.4f}"
-              f"±{rec['hr@5_se']:.4f} NDCG@10 {rec['ndcg@10']:.4f} ({rec['users']} users, "
-              f"{rec['users_per_s']:.2f} users/s)")
+              f"±{rec['hr@5_se']:.4f} NDCG@10 {rec['ndcg@10']:.4f} distinct@10 "
+              f"{rec['distinct@10']} ({rec['users']} users, {rec['users_per_s']:.2f} users/s)")
 
     if int(config.language.count) > 0:
       rec, rows = language.evaluate(
