@@ -475,9 +475,10 @@ def make_report(runs: Sequence[str | pathlib.Path], out_dir: str | pathlib.Path,
         "*retrieval head* = one LLM pass scoring every item (beyond the paper). *steps* = "
         "Phase 2 training steps (MF: ALS iterations); *eval wall s* = scoring time of that "
         "row (compilation included); *distinct@10* = how many different items the users' "
-        "top-10 lists hold together (about 10 when every user gets the same list, as from "
-        "popularity; blank for records made before it was counted). Machine-readable rows: "
-        "`results/<dataset>.json`.", ""]
+        "top-10 lists hold together: one list shown to everyone gives 10 plus the items that "
+        "stand in for each user's history items (the popularity row is such a list), a "
+        "personal ranking many more; blank for records made before it was counted. "
+        "Machine-readable rows: `results/<dataset>.json`.", ""]
   if notes:
     md += ["## How these runs were made", "", pathlib.Path(notes).read_text().strip(), ""]
   md += ["## Runs", "",
