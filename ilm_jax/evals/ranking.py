@@ -19,7 +19,8 @@ Conventions (one place for them):
 
 Beside HR/NDCG, ``summarize`` can count ``distinct@K``: how many different items appear in
 the users' top-K lists. It tells a personalised ranking from one list shown to everyone
-(about K distinct items, as popularity gives), which HR alone cannot.
+(K items plus those standing in for each user's history items, as popularity gives), which
+HR alone cannot.
 
 Two entry points: ``rank_users`` for models that score every item (MF, the retrieval
 head), batched over users through a jitted kernel; ``ranks_from_lists`` for models that
@@ -155,9 +156,8 @@ def ranks_from_lists(ranked: Sequence[Sequence[int]], targets: Sequence[int],
   """
   out = np.zeros(len(targets), np.int32)
   for u, (items, target) in enumerate(zip(ranked, targets, strict=True)):
-    if histories is not None and int(target) in {int(i) for i in histories[u]}:
-      continue
-    for pos, item in enumerate(_clean(items, None if histories is None else histories[u]), 1):
+    # A target in the history is never yielded, so it stays NOT_RANKED.
+    for pos, item in enumerate(_clean(items, () if histories is None else histories[u]), 1):
       if item == target:
         out[u] = pos
         break
@@ -170,14 +170,14 @@ def top_of_lists(ranked: Sequence[Sequence[int]], k: int,
   cleans them (ids < 0, history items and repeats dropped); -1 pads short lists."""
   out = np.full((len(ranked), k), -1, np.int32)
   for u, items in enumerate(ranked):
-    kept = list(itertools.islice(_clean(items, None if histories is None else histories[u]), k))
+    kept = list(itertools.islice(_clean(items, () if histories is None else histories[u]), k))
     out[u, :len(kept)] = kept
   return out
 
 
-def _clean(items: Iterable[int], history: np.ndarray | None) -> Iterator[int]:
+def _clean(items: Iterable[int], history: Iterable[int]) -> Iterator[int]:
   """Yields the items of a ranked list that are real, new and not in the history."""
-  seen = set() if history is None else {int(i) for i in history}
+  seen = {int(i) for i in history}
   for item in items:
     item = int(item)
     if item >= 0 and item not in seen:
