@@ -127,15 +127,15 @@ def rank_users(score_fn: Callable[[jax.Array], jax.Array],
     if scores.shape != (batch_size, num_items):
       raise ValueError(f"score_fn returned shape {scores.shape}, expected "
                        f"{(batch_size, num_items)}")
-    exclude = history_mask([histories[u] for u in padded], num_items)
-    ranks, finite = ranks_from_scores(scores, jnp.asarray(targets[padded]), jnp.asarray(exclude))
+    exclude = jnp.asarray(history_mask([histories[u] for u in padded], num_items))
+    ranks, finite = ranks_from_scores(scores, jnp.asarray(targets[padded]), exclude)
     ranks, finite = np.asarray(ranks)[:m], np.asarray(finite)[:m]
     if not finite.all():
       raise ValueError(f"score_fn gave NaN scores for user {batch[~finite][0]}")
     out[start:start + m] = ranks
     if top_k:
       k = min(top_k, num_items)
-      top[start:start + m, :k] = np.asarray(top_candidates(scores, jnp.asarray(exclude), k))[:m]
+      top[start:start + m, :k] = np.asarray(top_candidates(scores, exclude, k))[:m]
   return (out, top) if top_k else out
 
 
