@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import ml_collections
 
-from ilm_jax import config_lib, optim, train
+from ilm_jax import config_lib, optim, phase1, train
 
-VARIANTS = {"it": None, "it_ii": "item_item", "it_ui": "user_item"}
+VARIANTS = phase1.VARIANTS
 DATASETS = ("generated", "ml1m", "beauty", "clothing")
 
 

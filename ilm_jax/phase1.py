@@ -34,6 +34,10 @@ from ilm_jax.models import qformer as qformer_lib
 
 PARAMS_DIR = "phase1/params"
 CONFIG_FILE = "phase1/qformer_config.json"
+# The variants (SPEC §4): the pair batches each adds between the item-text batches, and the
+# method name its records carry (as does the Phase 2 ILM built on its Q-Former).
+VARIANTS = {"it": None, "it_ii": "item_item", "it_ui": "user_item"}
+METHODS = {"it": "ilm-it", "it_ii": "ilm-it-ii", "it_ui": "ilm-it-ui"}
 
 
 class CFTable(nnx.Variable):

@@ -48,10 +48,6 @@ from ilm_jax.jobs import prepare
 from ilm_jax.models import bert_loading
 from ilm_jax.models import qformer as qformer_lib
 
-METHODS = {"it": "ilm-it", "it_ii": "ilm-it-ii", "it_ui": "ilm-it-ui"}
-PAIR_KINDS = {"it": None, "it_ii": "item_item", "it_ui": "user_item"}
-
-
 # ==== Inputs =============================================================================
 
 def cf_embeddings(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
@@ -248,9 +244,9 @@ def training_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike
                   ) -> TrainingData:
   """The prepared dataset, CF embeddings, held-out items and the seeded batch iterator."""
   variant = config.variant
-  if variant not in METHODS:
-    raise ValueError(f"config.variant={variant!r}; valid: {', '.join(METHODS)}")
-  pair_kind = PAIR_KINDS[variant]
+  if variant not in phase1.METHODS:
+    raise ValueError(f"config.variant={variant!r}; valid: {', '.join(phase1.METHODS)}")
+  pair_kind = phase1.VARIANTS[variant]
   ds = prepare.prepared_dataset(config.data, workdir, prepare.data_dir(config, workdir))
   split = types.leave_one_out(ds)
   emb = cf_embeddings(config, workdir, ds, split)
@@ -265,7 +261,7 @@ def training_data(config: ml_collections.ConfigDict, workdir: str | os.PathLike
         f"phase1: {ds.name} has no item text (no item of its {ds.num_items} has a title, "
         "brand, categories or description; OpenP5's Clothing is such a set, see "
         "../shared/data/README.md). Phase 1 trains item-text losses on every variant "
-        f"({', '.join(METHODS)}), so it cannot run. Give the items text with "
+        f"({', '.join(phase1.METHODS)}), so it cannot run. Give the items text with "
         "--config.data.item_meta=FILE, or use the Phase 2 models that need no Phase 1: "
         f"configs/phase2.py:rand|mlp|text,{ds.name}")
   heldout = heldout_items(all_text, float(config.heldout_fraction), int(config.heldout_seed))
@@ -299,7 +295,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   ds, split, emb, all_text, heldout, data = (d.ds, d.split, d.emb, d.all_text, d.heldout,
                                              d.data)
   variant, pc = config.variant, config.pipeline
-  pair_kind = PAIR_KINDS[variant]
+  pair_kind = phase1.VARIANTS[variant]
 
   # ---- model ----
   item_emb, user_emb = emb.item_emb, emb.user_emb
@@ -342,7 +338,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   phase1.save_qformer(workdir, model.qformer)
   qcfg = model.qformer.cfg
   record = dict(
-      dataset=ds.name, split="test", task="phase1", template="seen", method=METHODS[variant],
+      dataset=ds.name, split="test", task="phase1", template="seen", method=phase1.METHODS[variant],
       users=max(1, len(evaluator.pairs)), steps=int(result.step), train_s=round(train_s, 1),
       devices=len(jax.devices()), init=str(config.model.init), k=qcfg.num_query_tokens,
       layers=qcfg.num_layers, hidden=qcfg.hidden_size, memory_tokens=qcfg.num_memory_tokens,

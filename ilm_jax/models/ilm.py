@@ -63,7 +63,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from ilm_jax import checkpoint, llm_tokenizer, partition
+from ilm_jax import checkpoint, llm_tokenizer, partition, phase1
 from ilm_jax.models import adaptors, layers, llm
 from ilm_jax.models import qformer as qformer_lib
 from ilm_jax.phase1 import CFTable
@@ -289,7 +289,7 @@ def method_name(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -
   found = sorted({r["method"] for r in recs if r.get("task") == "phase1"})
   if len(found) == 1:
     return found[0]
-  return {"it": "ilm-it", "it_ii": "ilm-it-ii", "it_ui": "ilm-it-ui"}[config.phase1_variant]
+  return phase1.METHODS[config.phase1_variant]
 
 
 def output_dir(workdir: str | os.PathLike, method: str) -> pathlib.Path:
