@@ -133,3 +133,40 @@ def test_generation_probe_ranks_among_candidates(workdir, tmp_path):
   bad = subprocess.run(cmd[:3] + ["--set", "no_such_key=1"], capture_output=True, text=True,
                        timeout=600)
   assert bad.returncode != 0 and "no key 'no_such_key'" in bad.stderr
+
+
+def test_answer_nats_reads_an_item_answer_run(workdir, tmp_path):
+  script = resources.REPO_ROOT / "benchmarks" / "answer_nats.py"
+  run = tmp_path / "phase2" / "ilm-it"
+  run.mkdir(parents=True)
+  (run / "summary.json").write_text(json.dumps({"batch_size": 2}))
+
+  def write_metrics(retrieval_rows):
+    steps = [dict(step=s, kind="phase2", loss_lm=1.5 if s < 3 else 1.0, tokens=6.0,
+                  acc=0.5, retrieval_rows=retrieval_rows(s)) for s in range(1, 6)]
+    lines = [json.dumps(r) for r in steps] + [json.dumps({"step": 5, "steps_per_sec": 2.0})]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+  c = _get_config("tiny")
+  data_dir = prepare.data_dir(c, workdir)
+  out = tmp_path / "nats.json"
+  cmd = [sys.executable, str(script), f"--run={run}",
+         f"--config={resources.REPO_ROOT / 'configs' / 'eval.py'}:tiny",
+         "--set", f"data_dir={data_dir}", "--windows=1,3", f"--out={out}"]
+  write_metrics(lambda s: 2.0)
+  text = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True).stdout
+  got = json.loads(out.read_text())
+  # loss per answer token x 6 answer tokens / 2 rows = nats per answer.
+  assert [(w["from"], w["to"], w["steps"]) for w in got["windows"]] == [(1, 2, 2), (3, 5, 3)]
+  assert [w["nats"] for w in got["windows"]] == pytest.approx([4.5, 3.0])
+  assert got["windows"][0]["tokens_per_answer"] == 3.0
+  ds, split = evaluate.eval_data(c, str(workdir))
+  targets = np.concatenate([np.asarray(s[1:]) for s in split.train])
+  p = np.unique(targets, return_counts=True)[1] / len(targets)
+  assert got["references"]["uniform"] == pytest.approx(np.log(ds.num_items))
+  assert got["references"]["popularity"] == pytest.approx(-(p * np.log(p)).sum())
+  assert got["references"]["popularity"] < got["references"]["uniform"]
+  assert "uniform" in text and "popularity" in text
+  write_metrics(lambda s: 1.0 if s == 4 else 2.0)  # a row with no item target
+  bad = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+  assert bad.returncode != 0 and "step 4 (and 0 more) had rows without an item target" in bad.stderr
