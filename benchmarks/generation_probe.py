@@ -10,7 +10,9 @@ the history, ``evals.openp5.sample_candidates``) by
               is pruned; ``evals.openp5.rank_candidates``)
   retrieval   the retrieval head's scores
 
-and prints HR@1/5/10 and the mean rank beside chance (k / C and (C + 1) / 2). A
+and prints HR@1/5/10 and the mean rank (± std errors) beside chance (k / C and (C + 1) / 2)
+and beside a reference row, 'popularity', that ranks the same candidates by their items'
+training interactions (what knowing only how popular each item is gives). A
 diagnostic: sampled-candidate numbers are not comparable with the full-ranking ones in
 docs/RESULTS.md.
 
@@ -34,11 +36,13 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ilm_jax import benchmarking, config_lib  # noqa: E402
+from ilm_jax.cf import mf  # noqa: E402
 from ilm_jax.data import prompts as P  # noqa: E402
-from ilm_jax.evals import openp5, results  # noqa: E402
+from ilm_jax.evals import openp5, ranking, results  # noqa: E402
 from ilm_jax.jobs import evaluate  # noqa: E402
 
 KS = (1, 5, 10)
@@ -58,7 +62,7 @@ def probe(config_arg: str, workdir: str, overrides=(), candidates: int = 100,
     raise FileNotFoundError(f"no trained Phase 2 model under {workdir}/phase2")
   users = openp5.eval_users(ds.num_users, int(config.max_users), int(config.seed))
   llms = evaluate.Llms()
-  rows = []
+  rows, referenced = [], set()
   for method, folder in models.items():
     model, encoder = evaluate.load_model(folder, ds, llms, config.prompts)
     trie = openp5.item_trie(ds, encoder)
@@ -68,34 +72,56 @@ def probe(config_arg: str, workdir: str, overrides=(), candidates: int = 100,
         prompts = openp5.build_prompts(ds, split, config.split, task, template, encoder, users,
                                        max_history=int(config.prompts.max_history))
         cands = openp5.sample_candidates(prompts, ds.num_items, candidates, int(config.seed))
+        if (task, template) not in referenced:  # the same users and candidates for every model
+          referenced.add((task, template))
+          rows.append(_row("popularity", task, template, "train counts", candidates,
+                           popularity_ranks(split.train, prompts, cands), 0.0))
         for scorer in scorers:
           progress = openp5.Progress(len(users), f"probe {method} {task}/{template} {scorer}",
                                      out=log)
           ranks = openp5.rank_candidates(model, prompts, cands, scorer=scorer, trie=trie,
                                          item_keys=keys, batch_size=batch_size,
                                          progress=progress)
-          ranked = ranks[ranks > 0]
-          row = dict(method=method, task=task, template=template, scorer=scorer,
-                     users=int(len(ranked)), candidates=candidates,
-                     mean_rank=float(ranked.mean()), chance_mean_rank=(candidates + 1) / 2,
-                     seconds=round(progress.seconds, 1))
-          for k in KS:
-            hit = (ranked <= k).astype(np.float64)
-            row[f"hr@{k}"] = float(hit.mean())
-            row[f"hr@{k}_se"] = float(hit.std(ddof=1) / np.sqrt(len(hit))) if len(hit) > 1 else 0.0
-            row[f"chance_hr@{k}"] = k / candidates
-          rows.append(row)
+          rows.append(_row(method, task, template, scorer, candidates, ranks,
+                           progress.seconds))
   return rows
 
 
+def popularity_ranks(train, prompts, candidates: np.ndarray) -> np.ndarray:
+  """The targets' ranks among the same candidates by their items' training counts (ties
+  against the target, as ``rank_candidates``): what knowing only popularity gives."""
+  score = mf.popularity_score_fn(train, candidates.shape[1])
+  exclude = ~candidates | ranking.history_mask(prompts.histories, candidates.shape[1])
+  scores = score(jnp.arange(len(prompts.targets), dtype=jnp.int32))
+  ranks, _ = ranking.ranks_from_scores(scores, jnp.asarray(prompts.targets), jnp.asarray(exclude))
+  return np.asarray(ranks)
+
+
+def _row(method: str, task: str, template: str, scorer: str, candidates: int,
+         ranks: np.ndarray, seconds: float) -> dict:
+  """HR@k (± std error), mean rank and their chance values over the ranked users."""
+  ranked = ranks[ranks > 0]
+  row = dict(method=method, task=task, template=template, scorer=scorer,
+             users=int(len(ranked)), candidates=candidates, mean_rank=float(ranked.mean()),
+             mean_rank_se=float(ranked.std(ddof=1) / np.sqrt(len(ranked))) if len(ranked) > 1
+             else 0.0, chance_mean_rank=(candidates + 1) / 2, seconds=round(seconds, 1))
+  for k in KS:
+    hit = (ranked <= k).astype(np.float64)
+    row[f"hr@{k}"] = float(hit.mean())
+    row[f"hr@{k}_se"] = float(hit.std(ddof=1) / np.sqrt(len(hit))) if len(hit) > 1 else 0.0
+    row[f"chance_hr@{k}"] = k / candidates
+  return row
+
+
 def format_rows(rows: list[dict]) -> str:
-  head = (f"{'method':12s} {'task/template':24s} {'scorer':10s} {'users':>5s} "
-          + " ".join(f"{'HR@' + str(k):>13s}" for k in KS) + f" {'mean rank':>9s} {'chance':>6s}")
+  head = (f"{'method':12s} {'task/template':24s} {'scorer':12s} {'users':>5s} "
+          + " ".join(f"{'HR@' + str(k):>13s}" for k in KS) + f" {'mean rank':>11s} {'chance':>6s}")
   lines = [head]
   for r in rows:
     hrs = " ".join(f"{r[f'hr@{k}']:6.3f}±{r[f'hr@{k}_se']:.3f}" for k in KS)
-    lines.append(f"{r['method']:12s} {r['task'] + '/' + r['template']:24s} {r['scorer']:10s} "
-                 f"{r['users']:5d} {hrs} {r['mean_rank']:9.1f} {r['chance_mean_rank']:6.1f}")
+    lines.append(f"{r['method']:12s} {r['task'] + '/' + r['template']:24s} {r['scorer']:12s} "
+                 f"{r['users']:5d} {hrs} {r['mean_rank']:5.1f}±{r['mean_rank_se']:<4.1f} "
+                 f"{r['chance_mean_rank']:6.1f}")
   c = rows[0]["candidates"] if rows else 0
   lines.append(f"chance with {c} candidates: " + ", ".join(
       f"HR@{k} {k / max(c, 1):.3f}" for k in KS))

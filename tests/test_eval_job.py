@@ -15,7 +15,7 @@ from flax import nnx
 from ilm_jax import config_lib, resources
 from ilm_jax.cf import mf
 from ilm_jax.data import sources
-from ilm_jax.evals import language, results
+from ilm_jax.evals import language, openp5, results
 from ilm_jax.jobs import evaluate, prepare
 from ilm_jax.models import adaptors
 from ilm_jax.models import ilm as ilm_lib
@@ -125,7 +125,18 @@ def test_generation_probe_ranks_among_candidates(workdir, tmp_path):
          "--set", "max_users=5", "--candidates=4", "--batch=2", f"--out={out}"]
   text = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True).stdout
   rows = json.loads(out.read_text())["rows"]
-  assert [(r["method"], r["scorer"]) for r in rows] == [("mlp", "generation"), ("mlp", "retrieval")]
+  assert [(r["method"], r["scorer"]) for r in rows] == [
+      ("popularity", "train counts"), ("mlp", "generation"), ("mlp", "retrieval")]
+  ds, split = evaluate.eval_data(_get_config("tiny"), str(workdir))
+  counts = np.bincount(np.concatenate(split.train), minlength=ds.num_items)
+  users = openp5.eval_users(ds.num_users, 5, 0)
+  pop = []
+  for u in users:  # the probe's candidates, ranked by hand (ties count above)
+    hist, target = np.asarray(split.history("test")[u], np.int64), int(split.test[u])
+    pool = np.setdiff1d(np.arange(ds.num_items), np.append(hist, target))
+    c = np.append(np.random.default_rng([0, int(u)]).choice(pool, 3, False), target)
+    pop.append(int((counts[c] >= counts[target]).sum()))
+  assert rows[0]["mean_rank"] == pytest.approx(np.mean(pop))
   for r in rows:
     assert r["users"] == 5 and r["candidates"] == 4 and r["chance_mean_rank"] == 2.5
     assert 1 <= r["mean_rank"] <= 4 and r["hr@1"] <= r["hr@5"] == r["hr@10"] == 1.0
