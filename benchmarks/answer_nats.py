@@ -53,11 +53,16 @@ def answer_windows(rows: list[dict], batch_size: int, bounds: list[int]) -> list
   """Mean nats per answer and answer-token accuracy over steps [a, b) of each window.
 
   Raises:
-    ValueError: a logged step had rows without an item target.
+    ValueError: no steps, no ``retrieval_rows`` logged, or a step had rows without an item
+      target.
   """
   steps = [r for r in rows if r.get("kind") == "phase2"]
   if not steps:
     raise ValueError("no training steps in metrics.jsonl")
+  if "retrieval_rows" not in steps[0]:
+    raise ValueError("metrics.jsonl logs no retrieval_rows (a run with retrieval.weight=0), so "
+                     "rows with an item target cannot be told from the others; train with the "
+                     "retrieval loss on (detach=True leaves the LM loss alone to shape the encoder)")
   mixed = [r["step"] for r in steps if int(r["retrieval_rows"]) != batch_size]
   if mixed:
     raise ValueError(f"step {mixed[0]} (and {len(mixed) - 1} more) had rows without an item "

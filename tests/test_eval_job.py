@@ -181,3 +181,7 @@ def test_answer_nats_reads_an_item_answer_run(workdir, tmp_path):
   write_metrics(lambda s: 1.0 if s == 4 else 2.0)  # a row with no item target
   bad = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
   assert bad.returncode != 0 and "step 4 (and 0 more) had rows without an item target" in bad.stderr
+  lines = [json.dumps(dict(step=1, kind="phase2", loss_lm=1.0, tokens=6.0, acc=0.5))]
+  (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")  # retrieval.weight=0 logs no rows
+  bad = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+  assert bad.returncode != 0 and "logs no retrieval_rows" in bad.stderr
